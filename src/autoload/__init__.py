@@ -1,0 +1,40 @@
+"""autoload: find the fastest PyTorch DataLoader settings for your data, model and machine."""
+
+from autoload.config import AmpDtype, LoaderConfig
+from autoload.errors import (
+    AutoloadError,
+    ConfigError,
+    DatasetError,
+    ResultFileError,
+    SpecError,
+    TuningFailedError,
+)
+from autoload.probe import Measurement, Probe, TrainingProbe, Window
+from autoload.result import FinalistRecord, TrialRecord, TuneResult
+from autoload.space import SearchSpace, build_space
+from autoload.tuner import ProgressEvent, best_loader, tune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmpDtype",
+    "AutoloadError",
+    "ConfigError",
+    "DatasetError",
+    "FinalistRecord",
+    "LoaderConfig",
+    "Measurement",
+    "Probe",
+    "ProgressEvent",
+    "ResultFileError",
+    "SearchSpace",
+    "SpecError",
+    "TrainingProbe",
+    "TrialRecord",
+    "TuneResult",
+    "TuningFailedError",
+    "Window",
+    "best_loader",
+    "build_space",
+    "tune",
+]

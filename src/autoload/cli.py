@@ -1,0 +1,260 @@
+"""The ``autoload`` command: ``autoload tune MODULE:ATTR [options]`` and ``autoload show FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+from torch.nn import functional
+
+from autoload.errors import AutoloadError, ConfigError, DatasetError, SpecError
+from autoload.importer import import_from_string
+from autoload.memory import parse_size
+from autoload.report import LiveProgress, render_report
+from autoload.result import TuneResult
+from autoload.tuner import tune
+
+__all__ = ["main"]
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "cross_entropy": functional.cross_entropy,
+    "mse": functional.mse_loss,
+    "l1": functional.l1_loss,
+    "smooth_l1": functional.smooth_l1_loss,
+    "huber": functional.huber_loss,
+    "nll": functional.nll_loss,
+    "bce_with_logits": functional.binary_cross_entropy_with_logits,
+}
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, not argparse's usage dump
+        raise _ArgumentError(f"{message} (see `{self.prog} --help`)")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or a comma list, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected an int or a comma list, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="autoload", description="Find the fastest DataLoader settings.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("tune", help="tune a data set (and optionally a model)")
+    t.add_argument("dataset", metavar="MODULE:ATTR",
+                   help="a Dataset, or a zero-argument callable returning one")
+    t.add_argument("--model", metavar="MODULE:ATTR", help="an nn.Module, or a factory of one")
+    t.add_argument("--loss", metavar="NAME|MODULE:ATTR",
+                   help=f"loss, required with --model: {', '.join(LOSSES)} or MODULE:ATTR")
+    t.add_argument("--optimizer", default="sgd", metavar="NAME|MODULE:ATTR",
+                   help="sgd (default), adam, adamw, or MODULE:ATTR called with the parameters")
+    t.add_argument("--lr", type=_positive_float, default=0.01, help="learning rate (0.01)")
+    t.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    t.add_argument("--trials", type=_positive_int, help="cap on trials, baselines included")
+    t.add_argument("--timeout", type=_positive_float, default=60.0,
+                   help="the whole run's budget in seconds (60)")
+    t.add_argument("--memory-cap", type=_size, help="host memory cap, e.g. 8GiB")
+    t.add_argument("--gpu-memory-cap", type=_size, help="GPU memory cap, e.g. 20GiB")
+    t.add_argument("--batch-size", type=_int_list, help="fix it (64) or restrict it (32,64,128)")
+    t.add_argument("--min-batch-size", type=_positive_int, default=8)
+    t.add_argument("--max-batch-size", type=_positive_int, default=1024)
+    t.add_argument("--drop-last", action="store_true",
+                   help="allow batch sizes that do not divide the epoch")
+    t.add_argument("--workers", type=_int_list, help="fix num_workers (4) or restrict it (0,2,4)")
+    t.add_argument("--max-workers", type=int, help="largest num_workers searched (CPU count)")
+    t.add_argument("--amp", choices=["auto", "off", "bfloat16", "float16"], default="auto")
+    t.add_argument("--sharded", action="store_true",
+                   help="the IterableDataset shards itself across workers")
+    t.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    t.add_argument("--storage", metavar="URL", help="Optuna storage, e.g. sqlite:///autoload.db")
+    t.add_argument("--study-name", help="study name in --storage (resumed if it exists)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no live progress")
+    s = sub.add_parser("show", help="print the report of a saved result JSON")
+    s.add_argument("path", metavar="PATH")
+    return parser
+
+
+def _load_dataset(spec: str) -> Any:
+    obj = import_from_string(spec)
+    if not _looks_like_dataset(obj):
+        if not callable(obj):
+            raise SpecError(f"{spec!r} is a {type(obj).__name__}, neither a Dataset nor a callable "
+                            "returning one.")
+        obj = obj()
+        if not _looks_like_dataset(obj):
+            raise DatasetError(f"{spec}() returned a {type(obj).__name__}, not a Dataset (it "
+                               "needs __len__ and __getitem__, or to be an IterableDataset).")
+    return obj
+
+
+def _looks_like_dataset(obj: Any) -> bool:
+    if isinstance(obj, type):
+        return False
+    if isinstance(obj, torch.utils.data.IterableDataset):
+        return True
+    return hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+
+
+def _load_model(spec: str, device: str) -> nn.Module:
+    obj = import_from_string(spec)
+    if not isinstance(obj, nn.Module):
+        if not callable(obj):
+            raise SpecError(f"--model {spec!r} is a {type(obj).__name__}, neither an nn.Module "
+                            "nor a callable returning one.")
+        obj = obj()
+        if not isinstance(obj, nn.Module):
+            raise SpecError(f"--model {spec}() returned a {type(obj).__name__}, not an nn.Module.")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asks for CUDA, but torch sees no GPU here; use "
+                          "--device cpu.")
+    return obj.to(device)
+
+
+def _load_loss(name: str | None) -> Callable[..., torch.Tensor]:
+    if name is None:
+        raise ConfigError("--model needs --loss: one of " + ", ".join(LOSSES) + " or MODULE:ATTR.")
+    if ":" in name:
+        loss = import_from_string(name)
+        if not callable(loss):
+            raise SpecError(f"--loss {name!r} is not callable.")
+        return loss  # type: ignore[no-any-return]
+    if name not in LOSSES:
+        raise ConfigError(f"--loss {name!r} is unknown; use one of {', '.join(LOSSES)} or "
+                          "MODULE:ATTR.")
+    return LOSSES[name]
+
+
+def _make_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    if ":" in name:
+        factory = import_from_string(name)
+        opt: Any = factory(model.parameters())
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise SpecError(f"--optimizer {name}(params) returned a {type(opt).__name__}, "
+                            "not a torch.optim.Optimizer.")
+        checked: torch.optim.Optimizer = opt
+        return checked
+    if name.lower() not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer {name!r} is unknown; use one of {', '.join(OPTIMIZERS)} "
+                          "or MODULE:ATTR.")
+    return OPTIMIZERS[name.lower()](model.parameters(), lr=lr)
+
+
+def _single(values: list[int] | None) -> int | list[int] | None:
+    return values[0] if values is not None and len(values) == 1 else values
+
+
+def _tune(args: argparse.Namespace, console: Console) -> int:
+    if args.loss is not None and args.model is None:
+        raise ConfigError("--loss needs --model; without a model autoload measures loading only.")
+    dataset = _load_dataset(args.dataset)
+    model = loss = optimizer = None
+    if args.model is not None:
+        loss = _load_loss(args.loss)
+        model = _load_model(args.model, args.device)
+        optimizer = _make_optimizer(args.optimizer, model, args.lr)
+    kwargs: dict[str, Any] = dict(
+        model=model, loss_fn=loss, optimizer=optimizer, device=args.device,
+        n_trials=args.trials, timeout=args.timeout, memory_cap=args.memory_cap,
+        gpu_memory_cap=args.gpu_memory_cap, batch_size=_single(args.batch_size),
+        min_batch_size=args.min_batch_size, max_batch_size=args.max_batch_size,
+        drop_last=args.drop_last, num_workers=_single(args.workers), max_workers=args.max_workers,
+        amp=args.amp, sharded=args.sharded, storage=args.storage, study_name=args.study_name,
+        seed=args.seed,
+    )
+    if args.quiet:
+        result = tune(dataset, **kwargs)
+    else:
+        with LiveProgress(Console(stderr=True)) as progress:
+            result = tune(dataset, progress=progress, **kwargs)
+    console.print(render_report(result))
+    if args.json:
+        result.save(args.json)
+        console.print(f"result written to {args.json}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:
+    """Run the CLI; returns the exit code (0 success, 1 tuning failed, 2 bad input, 130 Ctrl-C)."""
+    console = console or Console()
+    err = Console(stderr=True, highlight=False) if console.file is sys.stdout else console
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "show":
+            console.print(render_report(TuneResult.load(args.path)))
+            return 0
+        return _tune(args, console)
+    except _ArgumentError as exc:
+        err.print(f"autoload: error: {exc}", markup=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("autoload: interrupted; the model and optimizer were restored.",
+                  markup=False, soft_wrap=True)
+        return 130
+    except AutoloadError as exc:
+        if debug:
+            raise
+        err.print(f"autoload: error: {exc}", markup=False, soft_wrap=True)
+        return 1 if exc.__class__.__name__ == "TuningFailedError" else 2
+    except Exception as exc:  # the user's own code raised: show it as theirs, in one line
+        if debug:
+            raise
+        where = exc.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        at = "" if where is None else (
+            f" at {where.tb_frame.f_code.co_filename}:{where.tb_lineno}")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err.print(f"autoload: error: your code raised {type(exc).__name__}: {first}{at} "
+                  "(rerun with --debug for the traceback)", markup=False, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

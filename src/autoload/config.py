@@ -1,0 +1,90 @@
+"""A frozen DataLoader configuration and the kwargs it stands for."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+__all__ = ["AmpDtype", "LoaderConfig"]
+
+AmpDtype = Literal["bfloat16", "float16"]
+
+
+@dataclass(frozen=True, order=True)
+class LoaderConfig:
+    """One point of the search space.
+
+    Attributes:
+        batch_size: Samples per batch.
+        num_workers: Loader worker processes; 0 loads in the main process.
+        prefetch_factor: Batches each worker loads ahead; ``None`` exactly when ``num_workers``
+            is 0.
+        pin_memory: Page-locked host batches (useful only with a CUDA device).
+        amp: Autocast dtype of the training step, or ``None`` for full precision.
+        drop_last: Drop the last, incomplete batch of each epoch.
+    """
+
+    batch_size: int
+    num_workers: int = 0
+    prefetch_factor: int | None = None
+    pin_memory: bool = False
+    amp: AmpDtype | None = None
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size >= 1` must hold, but got {self.batch_size=}.")
+        if self.num_workers < 0:
+            raise ValueError(f"`num_workers >= 0` must hold, but got {self.num_workers=}.")
+        if (self.num_workers == 0) != (self.prefetch_factor is None):
+            raise ValueError(
+                "`prefetch_factor` must be set exactly when `num_workers > 0`, but got "
+                f"({self.num_workers=}, {self.prefetch_factor=})."
+            )
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            raise ValueError(f"`prefetch_factor >= 1` must hold, but got {self.prefetch_factor=}.")
+
+    def loader_kwargs(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The DataLoader keyword arguments, obeying torch's rules.
+
+        ``prefetch_factor``, ``persistent_workers`` and ``timeout`` appear only with workers:
+        torch rejects them otherwise. Workers persist, since a training run iterates the loader
+        once per epoch and should not pay the workers' start-up each time.
+
+        Example:
+            >>> LoaderConfig(batch_size=64, num_workers=2, prefetch_factor=4).loader_kwargs()
+            {'batch_size': 64, 'num_workers': 2, 'pin_memory': False, 'drop_last': False, \
+'prefetch_factor': 4, 'persistent_workers': True}
+        """
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "drop_last": self.drop_last,
+        }
+        if self.num_workers > 0:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+            kwargs["persistent_workers"] = True
+            if timeout is not None:
+                kwargs["timeout"] = timeout
+        return kwargs
+
+    def label(self) -> str:
+        """A short human-readable label, e.g. ``bs=64 w=2 pf=4 pin amp=bfloat16``."""
+        parts = [f"bs={self.batch_size}", f"w={self.num_workers}"]
+        if self.prefetch_factor is not None:
+            parts.append(f"pf={self.prefetch_factor}")
+        if self.pin_memory:
+            parts.append("pin")
+        if self.amp is not None:
+            parts.append(f"amp={self.amp}")
+        if self.drop_last:
+            parts.append("drop_last")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoaderConfig:
+        return cls(**data)

@@ -1,0 +1,366 @@
+"""One probe: a short training window under one configuration, measured.
+
+No Optuna and no printing here. A probe either returns a :class:`Measurement` or raises; the tuner
+decides what a failure means for the study.
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+import threading
+import time
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from autoload.config import LoaderConfig
+from autoload.errors import AutoloadError, DatasetError
+from autoload.memory import MemoryCapExceeded, MemoryWatchdog, child_pids, reap_children
+from autoload.state import TrainingState
+
+__all__ = [
+    "LossFn",
+    "Measurement",
+    "Probe",
+    "StepFn",
+    "TrainingProbe",
+    "TrialTimeout",
+    "Window",
+    "move_to_device",
+]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
+"""A custom training step: ``step(model, batch_on_device) -> loss``."""
+
+
+class TrialTimeout(Exception):
+    """A trial ran past its deadline (a hung worker or ``__getitem__``)."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """How long one probe measures.
+
+    Attributes:
+        seconds: Steady-state time to measure, after warm-up.
+        min_batches: Steady batches measured at least, even past ``seconds`` (slow steps).
+        max_batches: Steady batches measured at most.
+        deadline: Hard bound on the whole probe, start-up included; past it the trial fails.
+    """
+
+    seconds: float = 1.0
+    min_batches: int = 3
+    max_batches: int = 100_000
+    deadline: float = 60.0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one probe saw.
+
+    Attributes:
+        samples_per_second: Steady-state rate, warm-up excluded.
+        startup_seconds: From building the loader to the first batch (worker start-up).
+        warmup_seconds: From building the loader to the end of warm-up.
+        seconds: Length of the steady window.
+        samples: Samples in the steady window.
+        batches: Batches in the steady window.
+        data_wait_fraction: Share of the steady window spent waiting for the next batch.
+        peak_host_bytes: Peak memory of the main process plus all workers (PSS).
+        peak_gpu_bytes: Peak GPU memory allocated, or ``None`` off CUDA.
+    """
+
+    samples_per_second: float
+    startup_seconds: float
+    warmup_seconds: float
+    seconds: float
+    samples: int
+    batches: int
+    data_wait_fraction: float
+    peak_host_bytes: int = 0
+    peak_gpu_bytes: int | None = None
+
+
+class Probe(ABC):
+    """Measures one configuration. Implement it to drive the tuner against anything.
+
+    Contract: :meth:`measure` returns a :class:`Measurement`, or raises. It must leave no worker
+    process behind and leave any model or optimizer it touched as it found them. It raises
+    :class:`~autoload.memory.MemoryCapExceeded` for a crossed cap and :class:`TrialTimeout`
+    for a deadline; any other exception is treated as a fault of the configuration or the
+    user's code.
+    """
+
+    @abstractmethod
+    def measure(self, config: LoaderConfig, window: Window) -> Measurement:
+        """Run one window under ``config`` and measure it."""
+
+
+def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Move tensors inside tensors, tuples, lists and dicts to ``device``, keeping the shape."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return type(batch)(  # type: ignore[call-arg]
+            {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
+        )
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to_device(v, device, non_blocking) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def _batch_len(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    values: Sequence[Any] = list(batch.values()) if isinstance(batch, Mapping) else (
+        batch if isinstance(batch, (list, tuple)) else ()
+    )
+    for value in values:
+        n = _batch_len(value)
+        if n is not None:
+            return n
+    return None
+
+
+def _default_step(model: nn.Module, batch: Any, loss_fn: LossFn) -> torch.Tensor:
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+        return loss_fn(model(x), y)
+    raise DatasetError(
+        f"cannot split a batch of type {type(batch).__name__} into (inputs, targets); "
+        "make items (x, y) pairs, or pass step=lambda model, batch: loss to tune()."
+    )
+
+
+_COLLATE_HINTS = ("stack expects each tensor to be equal size", "default_collate",
+                  "each element in list of batch should be of equal size")
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise TrialTimeout in the main thread after ``seconds``; a no-op elsewhere.
+
+    It bounds Python-level hangs in the main process (``num_workers=0``); hung workers are
+    bounded by the DataLoader's own ``timeout`` as well.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def fire(signum: int, frame: object) -> None:
+        raise TrialTimeout(f"the trial ran past its {seconds:.0f} s deadline")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class TrainingProbe(Probe):
+    """Runs the seed article's training loop (or a data-only loop) over a real DataLoader.
+
+    Args:
+        dataset: The data set.
+        device: Where batches go and the model trains.
+        model: Trained during the window and restored afterwards; ``None`` measures data only.
+        loss_fn: ``loss_fn(model(x), y)``; required with a model unless ``step`` is given.
+        optimizer: Stepped each batch and restored afterwards; SGD(lr=0.01) if ``None``.
+        step: A custom training step ``step(model, batch) -> loss`` for batches that are not
+            ``(x, y)`` pairs.
+        loader_options: The user's fixed DataLoader arguments, passed untouched.
+        memory_cap: Bytes the process tree may use; ``None`` for no cap.
+        gpu_memory_cap: Bytes of GPU memory a trial may allocate; ``None`` for no cap.
+        clock: Monotonic clock in seconds.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        *,
+        device: torch.device,
+        model: nn.Module | None = None,
+        loss_fn: LossFn | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        step: StepFn | None = None,
+        loader_options: Mapping[str, Any] | None = None,
+        memory_cap: int | None = None,
+        gpu_memory_cap: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.dataset = dataset
+        self.device = device
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        if model is not None and optimizer is None:
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        self.step = step
+        self.loader_options = dict(loader_options or {})
+        self.memory_cap = memory_cap
+        self.gpu_memory_cap = gpu_memory_cap
+        self.clock = clock
+
+    def measure(self, config: LoaderConfig, window: Window) -> Measurement:
+        before = child_pids()
+        saved = None if self.model is None else TrainingState.capture(self.model, self.optimizer)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            with warnings.catch_warnings():
+                # The search asks for more workers than CPUs on purpose.
+                warnings.filterwarnings("ignore", message=r"This DataLoader will create")
+                with MemoryWatchdog(self.memory_cap) as dog, _deadline(window.deadline):
+                    try:
+                        result = self._run(config, window, dog)
+                    except (MemoryCapExceeded, AutoloadError, TrialTimeout):
+                        raise
+                    except Exception as exc:
+                        if dog.exceeded.is_set():  # the watchdog killed the workers
+                            raise MemoryCapExceeded("host", dog.peak, dog.cap or 0) from exc
+                        self._explain_collate(exc)
+                        raise
+            peak_gpu = torch.cuda.max_memory_allocated(self.device) if cuda else None
+            return replace(result, peak_host_bytes=dog.peak, peak_gpu_bytes=peak_gpu)
+        finally:
+            # A full collection costs a quarter second with torch and optuna loaded: run it only
+            # when a loader iterator caught in a reference cycle still holds workers.
+            if child_pids() - before:
+                gc.collect()
+            reap_children(before)
+            if saved is not None:
+                saved.restore()
+            if cuda:
+                torch.cuda.empty_cache()
+
+    def _explain_collate(self, exc: Exception) -> None:
+        if "collate_fn" in self.loader_options or "batch_sampler" in self.loader_options:
+            return
+        if any(hint in str(exc) for hint in _COLLATE_HINTS):
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise DatasetError(
+                f"the default collate cannot batch these items ({first}); pass a collate_fn in "
+                "loader_options that pads or packs them."
+            ) from exc
+
+    def _make_step(self, config: LoaderConfig) -> Callable[[Any], None]:
+        device, pin = self.device, config.pin_memory
+        if self.model is None:
+            def copy_only(batch: Any) -> None:
+                move_to_device(batch, device, pin)
+            return copy_only
+
+        model, optimizer, loss_fn, user_step = self.model, self.optimizer, self.loss_fn, self.step
+        assert optimizer is not None  # set in __init__ whenever there is a model
+        dtype = None if config.amp is None else getattr(torch, config.amp)
+        scaler = (
+            torch.amp.GradScaler("cuda") if config.amp == "float16" and device.type == "cuda"
+            else None
+        )
+        model.train()
+
+        def train(batch: Any) -> None:
+            batch = move_to_device(batch, device, pin)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                if user_step is not None:
+                    loss = user_step(model, batch)
+                else:
+                    if loss_fn is None:
+                        raise DatasetError("a model needs a loss_fn (or a step) to train.")
+                    loss = _default_step(model, batch, loss_fn)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss.mean()).backward()  # type: ignore[no-untyped-call]
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.mean().backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+
+        return train
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _run(self, config: LoaderConfig, window: Window, dog: MemoryWatchdog) -> Measurement:
+        clock = self.clock
+        step = self._make_step(config)
+        warmup = max(3, config.num_workers * (config.prefetch_factor or 0))
+        kwargs = {**self.loader_options, **config.loader_kwargs(timeout=window.deadline)}
+        start = clock()
+        loader: DataLoader[Any] = DataLoader(self.dataset, **kwargs)
+        it: Iterator[Any] = iter(loader)
+        seen = samples = batches = 0
+        startup = warmup_end = steady_start = 0.0
+        wait = 0.0
+        try:
+            while True:
+                fetch = clock()
+                batch = next(it, _END)
+                if batch is _END:  # epochs run back to back; persistent workers stay up
+                    it = iter(loader)
+                    batch = next(it, _END)
+                    if batch is _END:
+                        raise DatasetError(
+                            "the DataLoader yielded no batch in a whole epoch; check the data "
+                            "set's length and the sampler."
+                        )
+                got = clock()
+                step(batch)
+                dog.raise_if_exceeded()
+                self._check_gpu_cap()
+                seen += 1
+                if seen == 1:
+                    startup = got - start
+                if seen <= warmup:
+                    if seen == warmup:
+                        self._sync()
+                        warmup_end = steady_start = clock()
+                    continue
+                batches += 1
+                samples += _batch_len(batch) or config.batch_size
+                wait += got - fetch
+                elapsed = clock() - steady_start
+                if batches >= window.max_batches or (
+                    elapsed >= window.seconds and batches >= window.min_batches
+                ):
+                    break
+            self._sync()
+            seconds = clock() - steady_start
+        finally:
+            # Drop the only references so the workers shut down now, even while an exception's
+            # traceback keeps this frame alive.
+            del it, loader
+        return Measurement(
+            samples_per_second=samples / seconds if seconds > 0 else 0.0,
+            startup_seconds=startup,
+            warmup_seconds=warmup_end - start,
+            seconds=seconds,
+            samples=samples,
+            batches=batches,
+            data_wait_fraction=min(1.0, wait / seconds) if seconds > 0 else 0.0,
+        )
+
+    def _check_gpu_cap(self) -> None:
+        if self.gpu_memory_cap is not None and self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            if peak > self.gpu_memory_cap:
+                raise MemoryCapExceeded("GPU", peak, self.gpu_memory_cap)
+
+
+_END = object()

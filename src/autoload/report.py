@@ -1,0 +1,151 @@
+"""The terminal report and live progress: the only module that imports rich."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from types import TracebackType
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+
+from autoload.memory import format_size
+from autoload.result import TuneResult
+from autoload.tuner import ProgressEvent
+
+__all__ = ["LiveProgress", "render_report", "snippet"]
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def snippet(result: TuneResult) -> str:
+    """The winning settings as copy-pasteable Python."""
+    lines = ["loader = DataLoader(", "    dataset,"]
+    lines += [f"    {k}={v!r}," for k, v in result.loader_kwargs.items()]
+    lines.append(")")
+    if result.amp is not None:
+        device_type = result.device.split(":")[0]
+        lines.append(f"# train each step under: torch.autocast({device_type!r}, "
+                     f"dtype=torch.{result.amp})")
+        if result.amp == "float16":
+            lines.append('# and scale the loss with scaler = torch.amp.GradScaler("cuda")')
+    return "\n".join(lines)
+
+
+def render_report(result: TuneResult) -> RenderableType:
+    """The whole report as one rich renderable."""
+    parts: list[RenderableType] = []
+    n = result.samples_per_epoch
+    head = Text.assemble(
+        ("autoload", "bold"), f": best DataLoader settings on {result.device}, ",
+        (f"{_rate(result.samples_per_second)} samples/s", "bold green"),
+        f" ({len(result.trials)} trials over a space of {result.space_size}, "
+        f"{result.elapsed_seconds:.0f} s)",
+    )
+    parts.append(head)
+
+    table = Table(title="Best configurations, re-measured side by side", title_justify="left",
+                  caption="spread: half the min-max range of the repeated measurements; "
+                  "wait: share of the time spent waiting for data", caption_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("configuration", overflow="fold")
+    table.add_column("samples/s", justify="right", no_wrap=True)
+    table.add_column("spread", justify="right", no_wrap=True)
+    table.add_column("start", justify="right", no_wrap=True)
+    table.add_column("host mem", justify="right", no_wrap=True)
+    if any(f.peak_gpu_bytes for f in result.finalists):
+        table.add_column("GPU mem", justify="right", no_wrap=True)
+    table.add_column("wait", justify="right", no_wrap=True)
+    table.add_column("", justify="left", no_wrap=True)
+    for f in result.finalists:
+        row = [
+            f.config.label(), _rate(f.median),
+            f"±{50 * (max(f.rates) - min(f.rates)) / f.median:.0f}%" if f.median else "-",
+            "-" if f.startup_seconds is None else f"{f.startup_seconds:.2f} s",
+            "-" if f.peak_host_bytes is None else format_size(f.peak_host_bytes),
+        ]
+        if any(x.peak_gpu_bytes for x in result.finalists):
+            row.append(format_size(f.peak_gpu_bytes) if f.peak_gpu_bytes else "-")
+        tag = "winner" if f.config == result.config else ("" if f.role == "candidate" else f.role)
+        row += [_pct(f.data_wait_fraction), tag]
+        table.add_row(*row, style="bold" if f.config == result.config else None)
+    parts.append(table)
+
+    lines = []
+    for name, label in (("defaults", "PyTorch defaults"), ("recipe", "hand-tuned recipe")):
+        speedup = result.speedup(name)
+        if speedup is not None:
+            lines.append(f"{speedup:.2f}x faster than {label} "
+                         f"({_rate(result.baselines[name])} samples/s)")
+    bad = Counter((t.state, t.reason) for t in result.trials if t.state in ("infeasible", "failed"))
+    if bad:
+        lines.append(f"{sum(bad.values())} trials infeasible or failed:")
+        lines.extend(f"  {count} x {state}: {reason}" for (state, reason), count in bad.items())
+    repeats = sum(t.state == "repeat" for t in result.trials)
+    if repeats:
+        lines.append(f"{repeats} trials repeated a measured configuration and were not run again")
+    epoch = result.epoch_seconds()
+    if epoch is not None:
+        lines.append(f"one epoch of {n:,} samples: about {epoch:.1f} s")
+    if result.config.drop_last:
+        lines.append(f"drop_last: each epoch drops {result.dropped_per_epoch} of {n} samples")
+    lines.extend(result.notes)
+    parts.append(Text("\n".join(lines)))
+    parts.append(Text("Winning settings:", style="bold"))
+    parts.append(Syntax(snippet(result), "python", theme="ansi_dark", background_color="default"))
+    return Group(*parts)
+
+
+class LiveProgress:
+    """A progress callback for :func:`autoload.tune` that draws a rich progress bar.
+
+    Example:
+        >>> with LiveProgress(Console(quiet=True)) as progress:
+        ...     pass  # autoload.tune(dataset, progress=progress)
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[best]}"), console=console, transient=False,
+        )
+        self._task: TaskID | None = None
+        self._started = time.monotonic()
+
+    def __enter__(self) -> LiveProgress:
+        self._progress.start()
+        self._task = self._progress.add_task("autoload: starting", total=None, best="")
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._progress.stop()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self._task is None:
+            return
+        if event.phase == "search":
+            of = f" of {event.total}" if event.total else ""
+            description = f"search: trial {event.done}{of}"
+        else:
+            description = f"re-measure: {event.done} of {event.total}"
+        total: float | None
+        if event.budget:
+            total, completed = event.budget, min(event.elapsed, event.budget)
+        else:
+            total, completed = float(event.total or 0) or None, float(event.done)
+        best = "" if event.best is None or event.best_config is None else (
+            f"best {_rate(event.best)}/s ({event.best_config.label()})"
+        )
+        self._progress.update(self._task, description=description, total=total,
+                              completed=completed, best=best)

@@ -1,0 +1,204 @@
+"""Frozen records of trials and the tune result; JSON in and out."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from autoload.config import AmpDtype, LoaderConfig
+from autoload.errors import ResultFileError
+
+__all__ = ["FinalistRecord", "TrialRecord", "TuneResult"]
+
+TrialState = Literal["ok", "infeasible", "failed", "repeat"]
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial of the search.
+
+    ``state`` is ``ok`` (measured), ``infeasible`` (crossed a memory cap or ran out of GPU
+    memory), ``failed`` (a worker died, hung, or the user's code raised) or ``repeat`` (a
+    configuration already measured, not run again).
+    """
+
+    number: int
+    config: LoaderConfig
+    state: TrialState
+    samples_per_second: float = 0.0
+    startup_seconds: float | None = None
+    data_wait_fraction: float | None = None
+    peak_host_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["config"] = self.config.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialRecord:
+        return cls(**{**data, "config": LoaderConfig.from_dict(data["config"])})
+
+
+@dataclass(frozen=True)
+class FinalistRecord:
+    """A configuration re-measured side by side with the others at the end of the search."""
+
+    config: LoaderConfig
+    rates: tuple[float, ...]
+    role: Literal["candidate", "defaults", "recipe"] = "candidate"
+    startup_seconds: float | None = None
+    peak_host_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
+    data_wait_fraction: float | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates) if self.rates else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["config"] = self.config.to_dict()
+        data["rates"] = list(self.rates)
+        data["median"] = self.median
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinalistRecord:
+        data = {k: v for k, v in data.items() if k != "median"}
+        return cls(**{**data, "config": LoaderConfig.from_dict(data["config"]),
+                      "rates": tuple(data["rates"])})
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The outcome of :func:`autoload.tune`.
+
+    Attributes:
+        config: The winning configuration.
+        loader_kwargs: The winner's DataLoader kwargs, JSON-able, ready for
+            ``DataLoader(dataset, **loader_options, **loader_kwargs)``.
+        amp: Autocast dtype for the training step (``None``, ``"bfloat16"`` or ``"float16"``).
+        samples_per_second: The winner's median rate in the final side-by-side re-measure.
+        baselines: Median rates of PyTorch's defaults and the hand-tuned recipe, by name
+            (``"defaults"``, ``"recipe"``), measured side by side with the winner.
+        finalists: Every configuration of the final re-measure, with all its rates.
+        trials: Every trial of the search, in order.
+        device: The device tuned for, e.g. ``"cpu"`` or ``"cuda:0"``.
+        samples_per_epoch: Samples one epoch serves (``None`` for an iterable data set).
+        elapsed_seconds: Wall time of the whole run.
+        notes: What the tuner chose to leave out or fix, in plain words.
+    """
+
+    config: LoaderConfig
+    loader_kwargs: dict[str, Any]
+    amp: AmpDtype | None
+    samples_per_second: float
+    baselines: dict[str, float]
+    finalists: tuple[FinalistRecord, ...]
+    trials: tuple[TrialRecord, ...]
+    device: str
+    samples_per_epoch: int | None
+    elapsed_seconds: float
+    space_size: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def winner(self) -> FinalistRecord:
+        return next(f for f in self.finalists if f.config == self.config)
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples each epoch drops (only with ``drop_last``)."""
+        n = self.samples_per_epoch
+        return n % self.config.batch_size if n is not None and self.config.drop_last else 0
+
+    def speedup(self, baseline: str) -> float | None:
+        rate = self.baselines.get(baseline)
+        return self.samples_per_second / rate if rate else None
+
+    def epoch_seconds(self) -> float | None:
+        """Projected time of one full epoch at the winner's rate (workers persist)."""
+        if self.samples_per_epoch is None or self.samples_per_second <= 0:
+            return None
+        return self.samples_per_epoch / self.samples_per_second
+
+    def to_json(self, indent: int | None = 2) -> str:
+        data = {
+            "loader_kwargs": self.loader_kwargs,
+            "amp": self.amp,
+            "samples_per_second": self.samples_per_second,
+            "baselines": self.baselines,
+            "trials": [t.to_dict() for t in self.trials],
+            "finalists": [f.to_dict() for f in self.finalists],
+            "config": self.config.to_dict(),
+            "device": self.device,
+            "samples_per_epoch": self.samples_per_epoch,
+            "elapsed_seconds": self.elapsed_seconds,
+            "space_size": self.space_size,
+            "notes": list(self.notes),
+            "format_version": FORMAT_VERSION,
+        }
+        return json.dumps(data, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> TuneResult:
+        """Parse :meth:`to_json` output.
+
+        Raises:
+            ResultFileError: The text is not JSON, or lacks a field autoload wrote.
+        """
+        try:
+            data = json.loads(text)
+            if data.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {data.get('format_version')!r} is unknown")
+            return cls(
+                config=LoaderConfig.from_dict(data["config"]),
+                loader_kwargs=dict(data["loader_kwargs"]),
+                amp=data["amp"],
+                samples_per_second=float(data["samples_per_second"]),
+                baselines={k: float(v) for k, v in data["baselines"].items()},
+                finalists=tuple(FinalistRecord.from_dict(f) for f in data["finalists"]),
+                trials=tuple(TrialRecord.from_dict(t) for t in data["trials"]),
+                device=data["device"],
+                samples_per_epoch=data["samples_per_epoch"],
+                elapsed_seconds=float(data["elapsed_seconds"]),
+                space_size=int(data["space_size"]),
+                notes=tuple(data["notes"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ResultFileError(
+                f"not an autoload result ({type(exc).__name__}: {exc}); write one with "
+                "`autoload tune ... --json PATH` or TuneResult.save()."
+            ) from exc
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the JSON atomically: a crash never leaves a half-written file."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TuneResult:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ResultFileError(f"cannot read result file {str(path)!r}: {exc.strerror}.") \
+                from exc
+        return cls.from_json(text)
