@@ -30,7 +30,9 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "nll": functional.nll_loss,
     "bce_with_logits": functional.binary_cross_entropy_with_logits,
 }
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+}
 
 
 class _ArgumentError(Exception):

@@ -197,14 +197,27 @@ def reap_children(before: Iterable[int], *, grace: float = 5.0) -> list[int]:
                if p.pid not in before and not _is_helper(p)]
     except psutil.Error:
         return []
-    _, alive = psutil.wait_procs(new, timeout=grace)
+    _, alive = _wait(new, grace)
     for proc in alive:
         try:
             proc.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=grace)
+    _wait(alive, grace)
     return [p.pid for p in alive]
+
+
+def _wait(procs: list[psutil.Process], timeout: float) -> tuple[list[psutil.Process],
+                                                                list[psutil.Process]]:
+    # torch's SIGCHLD handler raises RuntimeError in the main thread when a worker it still
+    # tracks dies; while reaping, that is expected, so wait on.
+    for _ in range(3):
+        try:
+            gone, alive = psutil.wait_procs(procs, timeout=timeout)
+            return list(gone), list(alive)
+        except RuntimeError:
+            continue
+    return [], [p for p in procs if p.is_running()]
 
 
 def child_pids() -> set[int]:

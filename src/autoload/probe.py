@@ -10,6 +10,7 @@ import gc
 import signal
 import threading
 import time
+import traceback
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -342,6 +343,11 @@ class TrainingProbe(Probe):
                     break
             self._sync()
             seconds = clock() - steady_start
+        except BaseException as exc:
+            # The traceback's frames hold the iterator (DataLoader's own methods have it as
+            # `self`), which would keep its workers alive until the exception is gone.
+            traceback.clear_frames(exc.__traceback__)
+            raise
         finally:
             # Drop the only references so the workers shut down now, even while an exception's
             # traceback keeps this frame alive.

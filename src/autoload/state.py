@@ -13,11 +13,33 @@ from torch import nn
 
 __all__ = ["TrainingState"]
 
+_Saved = tuple[Any, Any]  # (the original object, a copy of its value)
+
+
+def _save(value: Any) -> _Saved:
+    if isinstance(value, torch.Tensor):
+        return value, value.detach().clone()
+    return value, copy.deepcopy(value)
+
+
+def _put_back(original: Any, saved: Any) -> Any:
+    """The original object holding the saved value again (a fresh copy if it cannot)."""
+    if isinstance(original, torch.Tensor) and isinstance(saved, torch.Tensor):
+        if original.shape == saved.shape and original.dtype == saved.dtype:
+            with torch.no_grad():
+                original.copy_(saved)
+            return original
+        return saved.clone()
+    return copy.deepcopy(saved)
+
 
 @dataclass
 class TrainingState:
     """Parameters, grads, all buffers (persistent or not), training modes, optimizer state and
-    RNG states, copied so that :meth:`restore` puts them back exactly.
+    hyperparameters, and RNG states, saved so that :meth:`restore` puts them back exactly.
+
+    Restoring writes into the original tensor objects, so references the user holds (to a
+    grad, a momentum buffer, a BatchNorm statistic) see the old values again too.
 
     Example:
         >>> net = nn.Linear(2, 1); opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -26,54 +48,50 @@ class TrainingState:
         >>> saved.restore()
     """
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer | None
-    params: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor | None]]
-    buffers: list[tuple[nn.Module, str, torch.Tensor | None]]
+    params: list[tuple[nn.Parameter, torch.Tensor, _Saved | None]]
+    buffers: list[tuple[nn.Module, str, _Saved]]
     modes: list[tuple[nn.Module, bool]]
-    optimizer_state: dict[str, Any] | None
+    optimizer: torch.optim.Optimizer | None
+    optimizer_state: dict[Any, dict[str, _Saved]]
+    optimizer_groups: list[dict[str, Any]]
     rng: tuple[Any, ...]
 
     @classmethod
     def capture(cls, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainingState:
-        with torch.no_grad():
-            params = [
-                (p, p.detach().clone(), None if p.grad is None else p.grad.detach().clone())
-                for p in model.parameters()
-            ]
-            buffers: list[tuple[nn.Module, str, torch.Tensor | None]] = [
-                (module, name, None if buf is None else buf.detach().clone())
-                for module in model.modules()
-                for name, buf in module.named_buffers(recurse=False)
-            ]
+        params = [(p, p.detach().clone(), None if p.grad is None else _save(p.grad))
+                  for p in model.parameters()]
+        buffers = [(module, name, _save(buf))
+                   for module in model.modules()
+                   for name, buf in module.named_buffers(recurse=False)]
         modes = [(module, module.training) for module in model.modules()]
-        opt_state = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
+        opt_state: dict[Any, dict[str, _Saved]] = {}
+        groups: list[dict[str, Any]] = []
+        if optimizer is not None:
+            opt_state = {p: {k: _save(v) for k, v in s.items()} for p, s in optimizer.state.items()}
+            groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+                      for g in optimizer.param_groups]
+        cuda_rng = (torch.cuda.get_rng_state_all()
+                    if torch.cuda.is_initialized() else None)  # type: ignore[no-untyped-call]
         rng = (torch.get_rng_state(), cuda_rng, np.random.get_state(), random.getstate())
-        return cls(model, optimizer, params, buffers, modes, opt_state, rng)
+        return cls(params, buffers, modes, optimizer, opt_state, groups, rng)
 
     def restore(self) -> None:
         with torch.no_grad():
             for param, data, grad in self.params:
                 param.copy_(data)
-                if grad is None:
-                    param.grad = None
-                elif param.grad is None or param.grad.shape != grad.shape:
-                    param.grad = grad.clone()
-                else:
-                    param.grad.copy_(grad)
-            for module, name, saved in self.buffers:
-                current = getattr(module, name, None)
-                if saved is not None and current is not None and current.shape == saved.shape \
-                        and current.dtype == saved.dtype:
-                    current.copy_(saved)
-                else:
-                    setattr(module, name, saved)
+                param.grad = None if grad is None else _put_back(*grad)
+        for module, name, (original, saved) in self.buffers:
+            value = _put_back(original, saved)
+            if getattr(module, name, None) is not value:
+                setattr(module, name, value)
         for module, training in self.modes:
             module.training = training
-        if self.optimizer is not None and self.optimizer_state is not None:
-            # load_state_dict may keep the given tensors: hand it a copy, keep ours intact.
-            self.optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
+            for param, entries in self.optimizer_state.items():
+                self.optimizer.state[param] = {k: _put_back(*saved) for k, saved in entries.items()}
+            for group, saved_group in zip(self.optimizer.param_groups, self.optimizer_groups, strict=True):
+                group.update(copy.deepcopy(saved_group))
         cpu_rng, cuda_rng, np_rng, py_rng = self.rng
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:

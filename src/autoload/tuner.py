@@ -428,13 +428,12 @@ def tune(
         for baseline in (defaults, recipe):
             study.enqueue_trial(space.params(baseline), skip_if_exists=True)
         study.optimize(state.objective, n_trials=n_trials, callbacks=[state.callback])
+        if state.best() is None:
+            raise _no_feasible_error(state)
+        return _finish(state, defaults, recipe, n_finalists=n_finalists, rounds=final_rounds,
+                       device=str(resolved), samples_per_epoch=n, notes=notes)
     finally:
         optuna.logging.set_verbosity(verbosity)
-
-    if state.best() is None:
-        raise _no_feasible_error(state)
-    return _finish(state, defaults, recipe, n_finalists=n_finalists, rounds=final_rounds,
-                   device=str(resolved), samples_per_epoch=n, notes=notes)
 
 
 def _load_previous(study: optuna.Study, state: _Study) -> None:

@@ -1,0 +1,52 @@
+"""Shared fixtures: a fake clock and a simulated throughput surface for the tuner."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from autoload import LoaderConfig, Measurement, Probe, Window
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def surface(config: LoaderConfig) -> float:
+    """A made-up throughput surface: best near bs=256, 2 workers, prefetch 4, bf16 on."""
+    bs = 1.0 / (1.0 + (math.log2(config.batch_size) - 8) ** 2 / 4)
+    workers = {0: 0.6, 1: 0.8, 2: 1.0}.get(config.num_workers, 0.9)
+    prefetch = 1.0 if config.prefetch_factor in (None, 4) else 0.95
+    amp = 1.1 if config.amp else 1.0
+    return 10_000 * bs * workers * prefetch * amp
+
+
+class SurfaceProbe(Probe):
+    """Measures ``rate(config)`` with seeded noise and advances a fake clock by the window."""
+
+    def __init__(self, clock: FakeClock, rate=surface, *, noise: float = 0.02, seed: int = 0,
+                 fail=None, overhead: float = 0.1) -> None:
+        self.clock, self.rate, self.noise, self.fail = clock, rate, noise, fail
+        self.rng = np.random.default_rng(seed)
+        self.overhead = overhead
+        self.calls: list[LoaderConfig] = []
+
+    def measure(self, config: LoaderConfig, window: Window) -> Measurement:
+        self.calls.append(config)
+        self.clock.now += window.seconds + self.overhead
+        if self.fail is not None:
+            self.fail(config)
+        rate = self.rate(config) * (1 + self.rng.normal(0, self.noise))
+        return Measurement(rate, 0.05, 0.1, window.seconds, int(rate * window.seconds), 10, 0.2,
+                           100 << 20)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()

@@ -1,0 +1,60 @@
+"""Small module-level data sets (picklable, so worker processes can load them)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+_HOARD: list[np.ndarray] = []
+
+
+class Indexed(Dataset):
+    """Item i is (i as a float feature vector, i % 3)."""
+
+    def __init__(self, n: int, features: int = 4) -> None:
+        self.n, self.features = n, features
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((self.features,), float(i)), i % 3
+
+
+class WorkerHog(Indexed):
+    """Each worker process holds ``mb`` MiB of touched memory once it starts fetching."""
+
+    def __init__(self, n: int, mb: int) -> None:
+        super().__init__(n)
+        self.mb = mb
+
+    def __getitem__(self, i: int):
+        if get_worker_info() is not None and not _HOARD:
+            _HOARD.append(np.ones(self.mb << 20, dtype=np.uint8))
+        return super().__getitem__(i)
+
+
+class Raises(Indexed):
+    def __getitem__(self, i: int):
+        raise ValueError(f"cannot read item {i}")
+
+
+class Hangs(Indexed):
+    def __getitem__(self, i: int):
+        time.sleep(3600)
+
+
+class DiesInWorker(Indexed):
+    def __getitem__(self, i: int):
+        if get_worker_info() is not None:
+            os._exit(3)
+        return super().__getitem__(i)
+
+
+class Ragged(Indexed):
+    def __getitem__(self, i: int):
+        return torch.zeros(1 + i % 5)

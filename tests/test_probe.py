@@ -1,0 +1,79 @@
+"""One real training window on tiny data sets."""
+
+import psutil
+import pytest
+import torch
+from datasets import Hangs, Indexed, Ragged, Raises, WorkerHog
+
+from autoload import DatasetError, LoaderConfig, TrainingProbe, Window
+from autoload.memory import MemoryCapExceeded
+from autoload.probe import TrialTimeout, move_to_device
+
+CPU = torch.device("cpu")
+SHORT = Window(seconds=0.2, deadline=20)
+
+
+def _children():
+    return [p for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+@pytest.mark.parametrize("config", [LoaderConfig(16), LoaderConfig(16, 1, 2)])
+def test_data_only_probe_measures_a_rate(config):
+    m = TrainingProbe(Indexed(64), device=CPU).measure(config, SHORT)
+    assert m.samples_per_second > 0 and m.samples >= 3 * 16 and m.batches >= 3
+    assert m.seconds >= 0.2 and 0 <= m.data_wait_fraction <= 1
+    assert m.peak_host_bytes > 0 and m.peak_gpu_bytes is None
+    assert not _children()
+
+
+def test_epochs_run_back_to_back_when_the_window_is_longer():
+    m = TrainingProbe(Indexed(32), device=CPU).measure(LoaderConfig(16), SHORT)
+    assert m.batches > 2  # 2 batches an epoch, many epochs in the window
+
+
+def test_training_probe_with_model_and_bf16():
+    net = torch.nn.Linear(4, 3)
+    probe = TrainingProbe(Indexed(64), device=CPU, model=net,
+                          loss_fn=torch.nn.functional.cross_entropy)
+    m = probe.measure(LoaderConfig(16, amp="bfloat16"), SHORT)
+    assert m.samples_per_second > 0
+
+
+def test_worker_memory_is_counted():
+    main_only = TrainingProbe(WorkerHog(64, 200), device=CPU).measure(LoaderConfig(16), SHORT)
+    with_worker = TrainingProbe(WorkerHog(64, 200), device=CPU).measure(
+        LoaderConfig(16, 1, 2), SHORT)
+    assert with_worker.peak_host_bytes - main_only.peak_host_bytes > 150 << 20
+
+
+def test_worker_crossing_the_cap_is_stopped():
+    base = TrainingProbe(Indexed(64), device=CPU).measure(LoaderConfig(16), SHORT).peak_host_bytes
+    probe = TrainingProbe(WorkerHog(64, 400), device=CPU, memory_cap=base + (150 << 20))
+    with pytest.raises(MemoryCapExceeded, match="crossed the cap"):
+        probe.measure(LoaderConfig(16, 1, 2), Window(seconds=2, deadline=20))
+    assert not _children()
+
+
+def test_user_error_in_worker_and_main_propagates_and_workers_are_gone():
+    for config in (LoaderConfig(16), LoaderConfig(16, 1, 2)):
+        with pytest.raises(ValueError, match="cannot read item"):
+            TrainingProbe(Raises(64), device=CPU).measure(config, SHORT)
+        assert not _children()
+
+
+def test_hang_in_the_main_process_hits_the_deadline():
+    with pytest.raises(TrialTimeout):
+        TrainingProbe(Hangs(64), device=CPU).measure(LoaderConfig(16), Window(0.2, deadline=1))
+
+
+def test_ragged_items_point_to_collate_fn():
+    with pytest.raises(DatasetError, match="collate_fn"):
+        TrainingProbe(Ragged(64), device=CPU).measure(LoaderConfig(16), SHORT)
+
+
+def test_move_to_device_keeps_structure():
+    batch = {"x": torch.zeros(2), "pair": (torch.ones(1), [torch.ones(1)]), "tag": "a"}
+    moved = move_to_device(batch, CPU)
+    assert moved["tag"] == "a" and isinstance(moved["pair"], tuple)
+    assert isinstance(moved["pair"][1], list)

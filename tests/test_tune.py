@@ -1,0 +1,115 @@
+"""tune() and best_loader() end to end with real training windows on tiny data sets."""
+
+import copy
+
+import psutil
+import torch
+from datasets import DiesInWorker, Indexed, WorkerHog
+from torch import nn
+
+import autoload
+
+FAST = dict(timeout=5, max_workers=1, final_rounds=2)
+
+
+def _children():
+    return [p for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.ReLU(),
+                                  nn.Linear(8, 3))
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+    def forward(self, x):
+        self.scratch += 1  # a non-persistent buffer the step changes
+        return self.body(x)
+
+
+def _state(net, opt):
+    return ({k: v.clone() for k, v in net.state_dict().items()},
+            net.scratch.clone(),
+            [None if p.grad is None else p.grad.clone() for p in net.parameters()],
+            [m.training for m in net.modules()],
+            copy.deepcopy(opt.state_dict()),
+            torch.get_rng_state())
+
+
+def _same(a, b):
+    (sd_a, s_a, g_a, m_a, o_a, r_a), (sd_b, s_b, g_b, m_b, o_b, r_b) = a, b
+    assert sd_a.keys() == sd_b.keys()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert torch.equal(s_a, s_b)
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(g_a, g_b))
+    assert m_a == m_b
+    assert o_a["param_groups"] == o_b["param_groups"]
+    assert o_a["state"].keys() == o_b["state"].keys()
+    for k in o_a["state"]:
+        for name, value in o_a["state"][k].items():
+            assert torch.equal(value, o_b["state"][k][name])
+    assert torch.equal(r_a, r_b)
+
+
+def _trained_net():
+    torch.manual_seed(0)
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()  # optimizer state and grads exist before tune
+    net.eval()
+    return net, opt
+
+
+def test_model_and_optimizer_are_bit_identical_after_tune():
+    net, opt = _trained_net()
+    before = _state(net, opt)
+    result = autoload.tune(Indexed(96), model=net, loss_fn=nn.functional.cross_entropy,
+                           optimizer=opt, **FAST)
+    _same(before, _state(net, opt))
+    assert result.samples_per_second > 0 and result.amp in (None, "bfloat16")
+    assert not _children()
+
+
+def test_model_is_restored_when_trials_fail():
+    net, opt = _trained_net()
+    before = _state(net, opt)
+    result = autoload.tune(DiesInWorker(96), model=net, loss_fn=nn.functional.cross_entropy,
+                           optimizer=opt, num_workers=[0, 1], **FAST)
+    _same(before, _state(net, opt))
+    assert result.config.num_workers == 0
+    assert any(t.state == "failed" and "worker" in (t.reason or "") for t in result.trials)
+    assert not _children()
+
+
+def test_workers_past_the_memory_cap_make_trials_infeasible_and_the_study_returns():
+    from autoload.memory import ProcessTreeMemory
+
+    cap = ProcessTreeMemory().sample() + (250 << 20)
+    result = autoload.tune(WorkerHog(96, 500), memory_cap=cap, num_workers=[0, 1], **FAST)
+    assert result.config.num_workers == 0
+    bad = [t for t in result.trials if t.state == "infeasible"]
+    assert bad and all(t.config.num_workers == 1 for t in bad)
+    assert not _children()
+
+
+def test_best_loader_serves_every_sample_exactly_once_per_epoch():
+    data = Indexed(120)
+    loader = autoload.best_loader(data, loader_options={"shuffle": True}, **FAST)
+    assert 120 % loader.batch_size == 0
+    for _ in range(2):
+        seen = torch.cat([x[:, 0] for x, _ in loader]).long().tolist()
+        assert sorted(seen) == list(range(120))
+
+
+def test_best_loader_with_drop_last_reports_dropped_samples():
+    data = Indexed(101)
+    result = autoload.tune(data, drop_last=True, min_batch_size=8, max_batch_size=32,
+                           num_workers=0, **FAST)
+    assert result.dropped_per_epoch == 101 % result.config.batch_size
+    loader = autoload.best_loader(data, result=result)
+    served = sum(len(x) for x, _ in loader)
+    assert served == 101 - result.dropped_per_epoch

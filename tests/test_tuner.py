@@ -1,0 +1,168 @@
+"""The study's logic, driven against a simulated throughput surface (exact and fast)."""
+
+import itertools
+
+import optuna
+import pytest
+import torch
+from conftest import SurfaceProbe, surface
+from torch.utils.data import TensorDataset
+
+import autoload
+from autoload import ConfigError, LoaderConfig, TuningFailedError, build_space
+from autoload.memory import MemoryCapExceeded
+
+DATA = TensorDataset(torch.zeros(1024, 2))
+
+
+def _tune(clock, probe, **kwargs):
+    kwargs.setdefault("timeout", 60)
+    kwargs.setdefault("max_workers", 4)
+    return autoload.tune(DATA, probe=probe, clock=clock, **kwargs)
+
+
+def _grid_best(space):
+    best = 0.0
+    for bs, w, pf, amp in itertools.product(space.batch_sizes, space.worker_counts,
+                                            space.prefetch_factors, space.amp):
+        config = LoaderConfig(bs, w, pf if w else None, False, amp)
+        best = max(best, surface(config))
+    return best
+
+
+def test_finds_the_best_of_the_surface_within_a_few_percent(clock):
+    probe = SurfaceProbe(clock)
+    result = _tune(clock, probe)
+    space = build_space(1024, device_type="cpu", has_model=False, cpus=2, max_workers=4)
+    assert surface(result.config) >= 0.95 * _grid_best(space)
+    assert len(probe.calls) < space.size  # far fewer than the grid
+
+
+def test_baselines_run_first_and_the_answer_beats_them(clock):
+    result = _tune(clock, SurfaceProbe(clock))
+    defaults, recipe = result.trials[0].config, result.trials[1].config
+    assert defaults == LoaderConfig(64, 0)
+    assert recipe.num_workers == 2 and recipe.prefetch_factor == 2 and recipe.batch_size == 64
+    assert set(result.baselines) == {"defaults", "recipe"}
+    assert result.samples_per_second >= max(result.baselines.values())
+    roles = {f.role for f in result.finalists}
+    assert {"defaults", "recipe"} <= roles
+
+
+def test_budget_includes_the_final_re_measure(clock):
+    result = _tune(clock, SurfaceProbe(clock, overhead=0.3), timeout=30)
+    assert result.elapsed_seconds <= 30 * 1.1
+    assert all(len(f.rates) == 3 for f in result.finalists)
+
+
+def test_n_trials_caps_the_trials(clock):
+    result = _tune(clock, SurfaceProbe(clock), n_trials=5, timeout=None)
+    assert len(result.trials) == 5
+
+
+def test_memory_cap_region_is_infeasible_and_study_goes_on(clock):
+    def fail(config):
+        if config.num_workers >= 2:
+            raise MemoryCapExceeded("host", 9 << 30, 8 << 30)
+
+    probe = SurfaceProbe(clock, fail=fail)
+    result = _tune(clock, probe)
+    assert result.config.num_workers < 2
+    bad = [t for t in result.trials if t.state == "infeasible"]
+    assert bad and all("crossed the cap" in t.reason for t in bad)
+    assert "recipe" not in result.baselines  # the recipe (2 workers) faulted and stays out
+
+
+def test_faulting_region_is_learned_not_resampled(clock):
+    def fail(config):
+        if config.num_workers > 0:
+            raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+
+    probe = SurfaceProbe(clock, fail=fail)
+    result = _tune(clock, probe, n_trials=40, timeout=None)
+    measured = [t for t in result.trials if t.state != "repeat"]
+    failed = [t for t in measured if t.state == "failed"]
+    assert failed[0].reason.startswith("worker died")
+    # TPE learns from the constraint: after its random start-up, most trials avoid workers (a
+    # uniform draw would pick workers 4 times in 5).
+    late = result.trials[12:]
+    assert sum(t.config.num_workers > 0 for t in late) <= len(late) / 2
+
+
+def test_same_user_error_in_every_trial_stops_and_shows_it(clock):
+    def fail(config):
+        raise KeyError("bad item 7")
+
+    probe = SurfaceProbe(clock, fail=fail)
+    with pytest.raises(TuningFailedError, match="same error from your code: KeyError") as info:
+        _tune(clock, probe)
+    assert isinstance(info.value.__cause__, KeyError)
+    assert len(probe.calls) == 3
+
+
+def test_autoload_errors_in_a_trial_abort(clock):
+    def fail(config):
+        raise autoload.DatasetError("the default collate cannot batch these items")
+
+    with pytest.raises(autoload.DatasetError):
+        _tune(clock, SurfaceProbe(clock, fail=fail))
+
+
+def test_optuna_logging_is_silenced_and_restored(clock):
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    seen = []
+    _tune(clock, SurfaceProbe(clock), n_trials=3, timeout=None,
+          progress=lambda e: seen.append(optuna.logging.get_verbosity()))
+    assert set(seen) == {optuna.logging.WARNING}
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO
+
+
+def test_progress_reports_every_trial_and_final_measurement(clock):
+    events = []
+    result = _tune(clock, SurfaceProbe(clock), n_trials=6, timeout=None, progress=events.append)
+    search = [e for e in events if e.phase == "search"]
+    final = [e for e in events if e.phase == "final"]
+    assert [e.done for e in search] == list(range(1, 7))
+    assert search[-1].best is not None and final[-1].done == final[-1].total
+    assert len(final) == 3 * len(result.finalists)
+
+
+def test_storage_resumes_without_re_measuring(clock, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    first = SurfaceProbe(clock)
+    _tune(clock, first, n_trials=6, timeout=None, storage=url, study_name="s")
+    second = SurfaceProbe(clock)
+    result = _tune(clock, second, n_trials=6, timeout=None, storage=url, study_name="s")
+    searched = second.calls[: len(second.calls) - 3 * len(result.finalists)]
+    assert not set(searched) & set(first.calls[:6])
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 12
+
+
+def test_pins_and_user_lists_restrict_the_study(clock):
+    result = _tune(clock, SurfaceProbe(clock), batch_size=[32, 128], num_workers=1)
+    assert {t.config.batch_size for t in result.trials} <= {32, 128}
+    assert {t.config.num_workers for t in result.trials} == {1}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(timeout=0), "timeout"),
+    (dict(n_trials=0), "n_trials"),
+    (dict(timeout=None), "never ends"),
+    (dict(loader_options={"batch_size": 4}), "pin it with"),
+    (dict(loader_options={"batch_sampler": object()}), "batch_sampler"),
+    (dict(device="cuda"), "CUDA"),
+    (dict(model=torch.nn.Linear(2, 1)), "loss_fn"),
+    (dict(loss_fn=torch.nn.functional.mse_loss), "need a model"),
+])
+def test_bad_arguments_raise_config_error(clock, kwargs, match):
+    if kwargs.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match=match):
+        _tune(clock, SurfaceProbe(clock), **kwargs)
+
+
+def test_empty_and_non_datasets_are_rejected(clock):
+    with pytest.raises(autoload.DatasetError, match="length 0"):
+        autoload.tune(TensorDataset(torch.zeros(0, 2)), probe=SurfaceProbe(clock), clock=clock)
+    with pytest.raises(autoload.DatasetError, match="__len__"):
+        autoload.tune(object(), probe=SurfaceProbe(clock), clock=clock)
