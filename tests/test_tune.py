@@ -43,7 +43,8 @@ def _same(a, b):
     assert sd_a.keys() == sd_b.keys()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert torch.equal(s_a, s_b)
-    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(g_a, g_b))
+    for x, y in zip(g_a, g_b, strict=True):
+        assert (x is None and y is None) or torch.equal(x, y)
     assert m_a == m_b
     assert o_a["param_groups"] == o_b["param_groups"]
     assert o_a["state"].keys() == o_b["state"].keys()

@@ -90,7 +90,8 @@ class TrainingState:
             self.optimizer.state.clear()
             for param, entries in self.optimizer_state.items():
                 self.optimizer.state[param] = {k: _put_back(*saved) for k, saved in entries.items()}
-            for group, saved_group in zip(self.optimizer.param_groups, self.optimizer_groups, strict=True):
+            groups = zip(self.optimizer.param_groups, self.optimizer_groups, strict=True)
+            for group, saved_group in groups:
                 group.update(copy.deepcopy(saved_group))
         cpu_rng, cuda_rng, np_rng, py_rng = self.rng
         torch.set_rng_state(cpu_rng)
