@@ -3,11 +3,12 @@
 import psutil
 import pytest
 import torch
-from datasets import Hangs, Indexed, Ragged, Raises, WorkerHog
 
 from autoload import DatasetError, LoaderConfig, TrainingProbe, Window
 from autoload.memory import MemoryCapExceeded
 from autoload.probe import TrialTimeout, move_to_device
+
+from toydata import Hangs, Indexed, Ragged, Raises, WorkerHog
 
 CPU = torch.device("cpu")
 SHORT = Window(seconds=0.2, deadline=20)

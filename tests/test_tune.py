@@ -4,10 +4,11 @@ import copy
 
 import psutil
 import torch
-from datasets import DiesInWorker, Indexed, WorkerHog
 from torch import nn
 
 import autoload
+
+from toydata import DiesInWorker, Indexed, WorkerHog
 
 FAST = dict(timeout=5, max_workers=1, final_rounds=2)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 __all__ = ["AmpDtype", "LoaderConfig"]
+
+# DataLoader arguments torch accepts only with worker processes.
+WORKER_ONLY = ("multiprocessing_context", "prefetch_factor", "persistent_workers", "timeout")
 
 AmpDtype = Literal["bfloat16", "float16"]
 
@@ -68,6 +72,16 @@ class LoaderConfig:
             if timeout is not None:
                 kwargs["timeout"] = timeout
         return kwargs
+
+    def dataloader_arguments(self, loader_options: Mapping[str, Any], *,
+                             timeout: float | None = None) -> dict[str, Any]:
+        """The user's fixed options merged with :meth:`loader_kwargs`, minus any worker-only
+        option (such as ``multiprocessing_context``) torch rejects when ``num_workers`` is 0."""
+        options = dict(loader_options)
+        if self.num_workers == 0:
+            for key in WORKER_ONLY:
+                options.pop(key, None)
+        return {**options, **self.loader_kwargs(timeout=timeout)}
 
     def label(self) -> str:
         """A short human-readable label, e.g. ``bs=64 w=2 pf=4 pin amp=bfloat16``."""

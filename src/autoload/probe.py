@@ -225,6 +225,8 @@ class TrainingProbe(Probe):
             with warnings.catch_warnings():
                 # The search asks for more workers than CPUs on purpose.
                 warnings.filterwarnings("ignore", message=r"This DataLoader will create")
+                # torch warns, then raises the pickling error itself: the error is the record.
+                warnings.filterwarnings("ignore", message=r"Got pickle error")
                 with MemoryWatchdog(self.memory_cap) as dog, _deadline(window.deadline):
                     try:
                         result = self._run(config, window, dog)
@@ -302,7 +304,7 @@ class TrainingProbe(Probe):
         clock = self.clock
         step = self._make_step(config)
         warmup = max(3, config.num_workers * (config.prefetch_factor or 0))
-        kwargs = {**self.loader_options, **config.loader_kwargs(timeout=window.deadline)}
+        kwargs = config.dataloader_arguments(self.loader_options, timeout=window.deadline)
         start = clock()
         loader: DataLoader[Any] = DataLoader(self.dataset, **kwargs)
         it: Iterator[Any] = iter(loader)

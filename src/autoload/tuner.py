@@ -417,7 +417,7 @@ def tune(
                    n_trials=n_trials, progress=progress)
 
     verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         study = optuna.create_study(
             direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
@@ -524,4 +524,4 @@ def best_loader(dataset: Dataset[Any], *, result: TuneResult | None = None,
     loader_options = dict(kwargs.get("loader_options") or {})
     if result is None:
         result = tune(dataset, **kwargs)
-    return DataLoader(dataset, **loader_options, **result.loader_kwargs)
+    return DataLoader(dataset, **result.config.dataloader_arguments(loader_options))

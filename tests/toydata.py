@@ -58,3 +58,39 @@ class DiesInWorker(Indexed):
 class Ragged(Indexed):
     def __getitem__(self, i: int):
         return torch.zeros(1 + i % 5)
+
+
+class InterruptsAfter(Indexed):
+    """Raises KeyboardInterrupt (as Ctrl-C would) at item ``after`` once ``armed``."""
+
+    def __init__(self, n: int, after: int, armed: bool = True) -> None:
+        super().__init__(n)
+        self.after, self.calls, self.armed = after, 0, armed
+
+    def __getitem__(self, i: int):
+        if self.armed:
+            self.calls += 1
+            if self.calls == self.after:
+                raise KeyboardInterrupt
+        return super().__getitem__(i)
+
+
+class Unpicklable(Indexed):
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.transform = lambda x: x  # a lambda cannot be pickled for `spawn` workers
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return self.transform(x), y
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """An iterable data set of ``n`` items that does not shard itself."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield torch.full((4,), float(i)), i % 3

@@ -1,0 +1,142 @@
+"""Faults inside trials: the study goes on, the trial is marked, nothing is lost."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import psutil
+import pytest
+import torch
+from torch import nn
+
+import autoload
+from autoload import LoaderConfig, TrainingProbe, Window
+
+from conftest import SurfaceProbe
+from toydata import Hangs, InterruptsAfter, Raises, Stream, Unpicklable
+
+FAST = dict(timeout=5, max_workers=1, final_rounds=2)
+CPU = torch.device("cpu")
+
+
+def _children():
+    return [p for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def test_hung_worker_is_bounded_by_the_deadline():
+    start = time.monotonic()
+    with pytest.raises(Exception, match="timed out|deadline"):
+        TrainingProbe(Hangs(64), device=CPU).measure(LoaderConfig(16, 1, 1),
+                                                     Window(0.2, deadline=1.5))
+    assert time.monotonic() - start < 10
+    assert not _children()
+
+
+def test_error_in_getitem_every_trial_stops_with_the_users_error():
+    with pytest.raises(autoload.TuningFailedError, match="ValueError: cannot read item") as info:
+        autoload.tune(Raises(64), **FAST)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert not _children()
+
+
+def test_unpicklable_dataset_under_spawn_fails_worker_trials_only():
+    result = autoload.tune(Unpicklable(64), num_workers=[0, 1],
+                           loader_options={"multiprocessing_context": "spawn"}, **FAST)
+    assert result.config.num_workers == 0
+    failed = [t for t in result.trials if t.state == "failed"]
+    assert failed and all(t.config.num_workers == 1 for t in failed)
+    assert any("pickle" in (t.reason or "").lower() for t in failed)
+    assert not _children()
+
+
+def test_cuda_oom_is_infeasible_not_fatal(clock):
+    def fail(config):
+        if config.batch_size >= 256:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    data = torch.utils.data.TensorDataset(torch.zeros(1024, 2))
+    result = autoload.tune(data, probe=SurfaceProbe(clock, fail=fail), clock=clock, timeout=60)
+    oom = [t for t in result.trials if t.state == "infeasible"]
+    assert oom and all(t.reason == "CUDA out of memory" for t in oom)
+    assert result.config.batch_size < 256
+
+
+def test_ctrl_c_keeps_finished_trials_restores_the_model_and_leaves_no_worker(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in net.parameters()]
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    data = InterruptsAfter(64, after=40, armed=False)
+
+    def arm_after_two_trials(event):
+        data.armed = event.done >= 2  # Ctrl-C in the middle of the third trial
+
+    with pytest.raises(KeyboardInterrupt):
+        autoload.tune(data, model=net, loss_fn=nn.functional.cross_entropy, optimizer=opt,
+                      storage=url, study_name="s", num_workers=0, progress=arm_after_two_trials,
+                      **FAST)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert not opt.state  # the momentum buffers the trials made are gone
+    assert not _children()
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2
+
+
+def test_cli_ctrl_c_exits_130_and_leaves_no_worker(tmp_path):
+    marker = tmp_path / "started"
+    (tmp_path / "slowdata.py").write_text(textwrap.dedent(f"""
+        import time, torch
+        from torch.utils.data import Dataset
+
+        class Slow(Dataset):
+            def __len__(self):
+                return 256
+
+            def __getitem__(self, i):
+                open({str(marker)!r}, "w").close()
+                time.sleep(0.01)
+                return torch.zeros(4)
+
+        def make():
+            return Slow()
+    """))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoload.cli", "tune", f"{tmp_path}/slowdata.py:make",
+         "--timeout", "60", "--max-workers", "2", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.5)  # into a trial with workers, past the first baseline
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not [p for p in alive if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def test_iterable_dataset_keeps_num_workers_zero_and_says_so():
+    result = autoload.tune(Stream(200), **FAST)
+    assert {t.config.num_workers for t in result.trials} == {0}
+    assert any("IterableDataset" in note for note in result.notes)
+    assert result.samples_per_epoch is None
+
+
+def test_user_state_survives_a_trial_that_raises_mid_window():
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    before = [p.detach().clone() for p in net.parameters()]
+    probe = TrainingProbe(InterruptsAfter(64, after=40), device=CPU, model=net,
+                          loss_fn=nn.functional.cross_entropy)
+    with pytest.raises(KeyboardInterrupt):
+        probe.measure(LoaderConfig(16), Window(5))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert os.getpid() == psutil.Process().pid
