@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,8 +126,8 @@ def _load_dataset(spec: str) -> Any:
     obj = import_from_string(spec)
     if not _looks_like_dataset(obj):
         if not callable(obj):
-            raise SpecError(f"{spec!r} is a {type(obj).__name__}, neither a Dataset nor a callable "
-                            "returning one.")
+            raise SpecError(f"{spec!r} is of type {type(obj).__name__}, neither a Dataset nor a "
+                            "callable returning one.")
         obj = obj()
         if not _looks_like_dataset(obj):
             raise DatasetError(f"{spec}() returned a {type(obj).__name__}, not a Dataset (it "
@@ -145,8 +147,8 @@ def _load_model(spec: str, device: str) -> nn.Module:
     obj = import_from_string(spec)
     if not isinstance(obj, nn.Module):
         if not callable(obj):
-            raise SpecError(f"--model {spec!r} is a {type(obj).__name__}, neither an nn.Module "
-                            "nor a callable returning one.")
+            raise SpecError(f"--model {spec!r} is of type {type(obj).__name__}, neither an "
+                            "nn.Module nor a callable returning one.")
         obj = obj()
         if not isinstance(obj, nn.Module):
             raise SpecError(f"--model {spec}() returned a {type(obj).__name__}, not an nn.Module.")
@@ -194,6 +196,13 @@ def _single(values: list[int] | None) -> int | list[int] | None:
 def _tune(args: argparse.Namespace, console: Console) -> int:
     if args.loss is not None and args.model is None:
         raise ConfigError("--loss needs --model; without a model autoload measures loading only.")
+    if args.model is not None and args.loss is None:
+        raise ConfigError("--model needs --loss: one of " + ", ".join(LOSSES) + " or MODULE:ATTR.")
+    if args.json:
+        folder = Path(args.json).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"--json {args.json}: folder {str(folder)!r} does not exist or is "
+                              "not writable; create it or pick another path.")
     dataset = _load_dataset(args.dataset)
     model = loss = optimizer = None
     if args.model is not None:

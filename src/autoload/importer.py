@@ -77,7 +77,8 @@ def _import_file(path: Path) -> Any:
             f"{str(path)!r} would load as module {name!r}, which is already imported from "
             f"{getattr(existing, '__file__', None) or 'a built-in'}; rename the file."
         )
-    if str(path.parent) not in sys.path:
+    added = str(path.parent) not in sys.path
+    if added:
         sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -88,5 +89,7 @@ def _import_file(path: Path) -> Any:
         spec.loader.exec_module(module)
     except BaseException:
         del sys.modules[name]
+        if added:
+            sys.path.remove(str(path.parent))
         raise
     return module

@@ -227,6 +227,9 @@ class TrainingProbe(Probe):
                 warnings.filterwarnings("ignore", message=r"This DataLoader will create")
                 # torch warns, then raises the pickling error itself: the error is the record.
                 warnings.filterwarnings("ignore", message=r"Got pickle error")
+                # Python 3.12+ warns on fork() beside threads; the memory watchdog's thread
+                # holds no lock a worker needs.
+                warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead")
                 with MemoryWatchdog(self.memory_cap) as dog, _deadline(window.deadline):
                     try:
                         result = self._run(config, window, dog)

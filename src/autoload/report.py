@@ -76,7 +76,8 @@ def render_report(result: TuneResult) -> RenderableType:
         ]
         if any(x.peak_gpu_bytes for x in result.finalists):
             row.append(format_size(f.peak_gpu_bytes) if f.peak_gpu_bytes else "-")
-        tag = "winner" if f.config == result.config else ("" if f.role == "candidate" else f.role)
+        role = "" if f.role == "candidate" else f.role
+        tag = (f"winner ({role})" if role else "winner") if f.config == result.config else role
         row += [_pct(f.data_wait_fraction), tag]
         table.add_row(*row, style="bold" if f.config == result.config else None)
     parts.append(table)
@@ -97,7 +98,7 @@ def render_report(result: TuneResult) -> RenderableType:
     epoch = result.epoch_seconds()
     if epoch is not None:
         lines.append(f"one epoch of {n:,} samples: about {epoch:.1f} s")
-    if result.config.drop_last:
+    if result.config.drop_last and n is not None:
         lines.append(f"drop_last: each epoch drops {result.dropped_per_epoch} of {n} samples")
     lines.extend(result.notes)
     parts.append(Text("\n".join(lines)))

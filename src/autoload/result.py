@@ -183,8 +183,15 @@ class TuneResult:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON atomically: a crash never leaves a half-written file."""
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
         try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise ResultFileError(f"cannot write {str(path)!r}: {exc.strerror}; check that its "
+                                  "folder exists and is writable.") from exc
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; match a plain open()
             with os.fdopen(fd, "w") as f:
                 f.write(self.to_json())
                 f.flush()

@@ -25,7 +25,9 @@ __all__ = ["ProgressEvent", "best_loader", "tune"]
 
 _TUNED_KEYS = ("batch_size", "num_workers", "pin_memory", "prefetch_factor",
                "persistent_workers", "drop_last")
-_FINAL_SHARE = 0.3  # of the budget kept for the side-by-side re-measure
+_FINAL_WINDOW = 1.5  # final windows are this much longer than the search's
+_FINAL_SHARE_MAX = 0.4  # of the budget, at most, kept for the re-measure
+_OVERHEAD_GUESS = 0.3  # seconds a probe spends outside its window, until one is measured
 _SIMPLER_WITHIN = 0.01  # a simpler finalist this close to the best wins: the gap is noise
 _SAME_FAILURES_TO_STOP = 3
 _REPEATS_TO_STOP = 25
@@ -130,7 +132,8 @@ class _Study:
 
     def __init__(self, space: SearchSpace, probe: Probe, *, window: Window,
                  clock: Callable[[], float], start: float, budget: float | None,
-                 n_trials: int | None, progress: ProgressCallback | None) -> None:
+                 n_trials: int | None, progress: ProgressCallback | None,
+                 final_measurements: int) -> None:
         self.space, self.probe, self.window, self.clock = space, probe, window, clock
         self.start, self.budget, self.n_trials, self.progress = start, budget, n_trials, progress
         self.records: list[TrialRecord] = []
@@ -138,7 +141,7 @@ class _Study:
         self.failures: list[tuple[str, BaseException]] = []
         self.repeats = 0
         self.overheads: list[float] = []  # seconds each probe spends outside its window
-        self.search_end = None if budget is None else start + budget * (1 - _FINAL_SHARE)
+        self.final_measurements = final_measurements
 
     def best(self) -> TrialRecord | None:
         ok = [r for r in self.measured.values() if r.state == "ok"]
@@ -197,8 +200,19 @@ class _Study:
             ))
         return record.samples_per_second
 
+    def overhead(self) -> float:
+        return statistics.median(self.overheads) if self.overheads else _OVERHEAD_GUESS
+
+    def final_reserve(self) -> float:
+        """Seconds to keep for the side-by-side re-measure, from the overhead seen so far."""
+        per = _FINAL_WINDOW * self.window.seconds + self.overhead()
+        # On a short budget the final windows shrink rather than the search vanishing.
+        return min(self.final_measurements * per, _FINAL_SHARE_MAX * (self.budget or 0.0))
+
     def should_stop(self) -> bool:
-        if self.search_end is not None and self.clock() >= self.search_end:
+        if self.budget is not None and (
+            self.clock() + self.final_reserve() >= self.start + self.budget
+        ):
             return True
         if self.repeats >= _REPEATS_TO_STOP or len(self.measured) >= self.space.size:
             return True
@@ -414,7 +428,8 @@ def tune(
     seconds = 1.0 if timeout is None else min(5.0, max(0.25, timeout / 60))
     window = Window(seconds=seconds, deadline=max(20.0, 10 * seconds))
     state = _Study(space, probe, window=window, clock=clock, start=start, budget=timeout,
-                   n_trials=n_trials, progress=progress)
+                   n_trials=n_trials, progress=progress,
+                   final_measurements=final_rounds * (n_finalists + 2))
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -460,12 +475,12 @@ def _finish(state: _Study, defaults: LoaderConfig, recipe: LoaderConfig, *, n_fi
             finalists.setdefault(config, set()).add(role)
 
     # Size the final windows from what is left of the budget.
-    window = Window(seconds=2 * state.window.seconds, deadline=state.window.deadline)
+    seconds = _FINAL_WINDOW * state.window.seconds
     if state.budget is not None:
         left = state.start + state.budget - state.clock()
-        overhead = statistics.median(state.overheads) if state.overheads else 0.0
-        per = left / (rounds * len(finalists)) - overhead
-        window = Window(seconds=max(state.window.seconds / 2, per), deadline=window.deadline)
+        seconds = max(state.window.seconds / 2,
+                      left / (rounds * len(finalists)) - state.overhead())
+    window = Window(seconds=seconds, deadline=state.window.deadline)
     measured = _remeasure(state, finalists, rounds, window)
     if not measured:
         raise TuningFailedError("every finalist faulted when re-measured; the machine may be "

@@ -1,0 +1,183 @@
+"""``render_report`` and ``snippet``: what the report shows, and that its snippet runs."""
+
+from __future__ import annotations
+
+import ast
+import io
+from dataclasses import replace
+
+import pytest
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader, TensorDataset
+
+from autoload import FinalistRecord, LoaderConfig, TrialRecord, TuneResult
+from autoload.report import render_report, snippet
+
+WINNER = LoaderConfig(batch_size=48, num_workers=2, prefetch_factor=4)
+DEFAULTS = LoaderConfig(batch_size=64)
+RECIPE = LoaderConfig(batch_size=64, num_workers=2, prefetch_factor=2)
+MEMORY_REASON = "host memory 9.0 GiB crossed the cap 8.0 GiB"
+
+
+def make_result(**changes) -> TuneResult:
+    trials = (
+        TrialRecord(0, DEFAULTS, "ok", 1000.0),
+        TrialRecord(1, RECIPE, "ok", 1500.0),
+        TrialRecord(2, WINNER, "ok", 3000.0),
+        TrialRecord(3, LoaderConfig(1024, 2, 8), "infeasible", reason=MEMORY_REASON),
+        TrialRecord(4, LoaderConfig(960, 2, 8), "infeasible", reason=MEMORY_REASON),
+        TrialRecord(5, LoaderConfig(8, 1, 1), "failed", reason="ValueError: bad sample"),
+        TrialRecord(6, DEFAULTS, "repeat", 1000.0),
+    )
+    finalists = (
+        FinalistRecord(WINNER, (2900.0, 3000.0, 3100.0), "candidate", 0.3, 250 << 20, None, 0.05),
+        FinalistRecord(RECIPE, (1450.0, 1500.0, 1550.0), "recipe", 0.4, 300 << 20, None, 0.1),
+        FinalistRecord(DEFAULTS, (990.0, 1000.0, 1010.0), "defaults", 0.01, 100 << 20, None, 0.5),
+    )
+    result = TuneResult(
+        config=WINNER,
+        loader_kwargs=WINNER.loader_kwargs(),
+        amp=None,
+        samples_per_second=3000.0,
+        baselines={"defaults": 1000.0, "recipe": 1500.0},
+        finalists=finalists,
+        trials=trials,
+        device="cpu",
+        samples_per_epoch=240,
+        elapsed_seconds=12.5,
+        space_size=104,
+        notes=("pin_memory stays False: it only helps copies to a CUDA device.",),
+    )
+    return replace(result, **changes)
+
+
+def render(result: TuneResult) -> str:
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    console.print(render_report(result))
+    text = console.file.getvalue()
+    assert "\x1b[" not in text  # plain text, no colour codes
+    return text
+
+
+def test_report_names_the_winner_and_both_baselines():
+    text = render(make_result())
+    assert WINNER.label() in text
+    assert "winner" in text
+    assert "3,000 samples/s" in text
+    assert "3.00x faster than PyTorch defaults (1,000 samples/s)" in text
+    assert "2.00x faster than hand-tuned recipe (1,500 samples/s)" in text
+    assert "Winning settings" in text
+
+
+def test_report_winner_row_with_amp():
+    config = replace(WINNER, amp="bfloat16")
+    finalists = (FinalistRecord(config, (3000.0,)),) + make_result().finalists[1:]
+    text = render(make_result(config=config, loader_kwargs=config.loader_kwargs(),
+                              amp="bfloat16", finalists=finalists))
+    # the configuration column may fold a long label over two lines at 80 columns
+    row = next(i for i, line in enumerate(text.splitlines()) if line.rstrip().endswith("winner"))
+    block = " ".join(text.splitlines()[row:row + 2])
+    assert all(part in block for part in config.label().split())
+    assert "torch.autocast('cpu', dtype=torch.bfloat16)" in text
+
+
+def test_report_lists_every_finalist_with_its_role():
+    text = render(make_result())
+    for label in (WINNER.label(), RECIPE.label(), DEFAULTS.label()):
+        assert label in text
+    assert "defaults" in text and "recipe" in text
+
+
+def test_report_counts_infeasible_and_failed_trials_by_reason():
+    text = render(make_result())
+    assert "3 trials infeasible or failed:" in text
+    assert f"2 x infeasible: {MEMORY_REASON}" in text
+    assert "1 x failed: ValueError: bad sample" in text
+    assert "1 trials repeated a measured configuration" in text
+
+
+def test_report_without_bad_trials_has_no_failure_section():
+    good = tuple(t for t in make_result().trials if t.state == "ok")
+    text = render(make_result(trials=good))
+    assert "infeasible or failed" not in text
+    assert "repeated a measured configuration" not in text
+
+
+def test_report_without_a_baseline_omits_its_line():
+    text = render(make_result(baselines={"recipe": 1500.0}))
+    assert "PyTorch defaults" not in text
+    assert "faster than hand-tuned recipe" in text
+
+
+def test_report_drop_last_line():
+    config = LoaderConfig(batch_size=64, drop_last=True)
+    finalists = (FinalistRecord(config, (1000.0, 1000.0), "defaults"),)
+    result = make_result(config=config, loader_kwargs=config.loader_kwargs(), amp=None,
+                         samples_per_epoch=1009, finalists=finalists)
+    text = render(result)
+    assert "drop_last: each epoch drops 49 of 1009 samples" in text
+    assert "one epoch of 1,009 samples" in text
+
+
+def test_report_without_drop_last_has_no_drop_line():
+    assert "drop_last:" not in render(make_result())
+
+
+def test_report_of_an_iterable_data_set_has_no_epoch_line():
+    text = render(make_result(samples_per_epoch=None))
+    assert "one epoch" not in text
+
+
+def test_report_shows_the_notes():
+    assert "pin_memory stays False" in render(make_result())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        WINNER,
+        replace(WINNER, amp="bfloat16"),
+        DEFAULTS,
+        LoaderConfig(batch_size=10, num_workers=1, prefetch_factor=1, drop_last=True),
+    ],
+)
+def test_snippet_is_python_that_builds_the_loader(config):
+    result = make_result(config=config, loader_kwargs=config.loader_kwargs(), amp=config.amp)
+    code = snippet(result)
+    ast.parse(code)
+    built: list[dict] = []
+
+    def fake_loader(dataset, **kwargs):
+        built.append(kwargs)
+        return DataLoader(dataset, **kwargs)
+
+    dataset = TensorDataset(torch.arange(240.0))
+    namespace = {"DataLoader": fake_loader, "dataset": dataset}
+    exec(code, namespace)
+    assert built == [result.loader_kwargs]
+    loader = namespace["loader"]
+    assert isinstance(loader, DataLoader)
+    assert loader.dataset is dataset
+    assert loader.batch_size == config.batch_size
+    assert loader.num_workers == config.num_workers
+    assert loader.drop_last == config.drop_last
+    if config.num_workers:
+        assert loader.prefetch_factor == config.prefetch_factor
+        assert loader.persistent_workers
+
+
+def test_snippet_mentions_autocast_for_amp():
+    code = snippet(make_result(amp="bfloat16"))
+    assert "torch.autocast('cpu', dtype=torch.bfloat16)" in code
+    assert "GradScaler" not in code
+    fp16 = snippet(make_result(amp="float16", device="cuda:0"))
+    assert "torch.autocast('cuda', dtype=torch.float16)" in fp16
+    assert "GradScaler" in fp16
+    assert "autocast" not in snippet(make_result(amp=None))
+
+
+def test_report_prints_the_snippet():
+    text = render(make_result())
+    for line in snippet(make_result()).splitlines():
+        assert line.strip() in text
