@@ -94,7 +94,7 @@ def test_report_counts_infeasible_and_failed_trials_by_reason():
     assert "3 trials infeasible or failed:" in text
     assert f"2 x infeasible: {MEMORY_REASON}" in text
     assert "1 x failed: ValueError: bad sample" in text
-    assert "1 trials repeated a measured configuration" in text
+    assert "1 trial repeated a measured configuration and was not run again" in text
 
 
 def test_report_without_bad_trials_has_no_failure_section():

@@ -54,14 +54,17 @@ class Window:
     Attributes:
         seconds: Steady-state time to measure, after warm-up.
         min_batches: Steady batches measured at least, even past ``seconds`` (slow steps).
+        max_warmup: Warm-up ends after this many seconds past the first batch even if the
+            prefetch queue may not be drained yet (large, slow batches).
         max_batches: Steady batches measured at most.
         deadline: Hard bound on the whole probe, start-up included; past it the trial fails.
     """
 
     seconds: float = 1.0
-    min_batches: int = 3
+    min_batches: int = 2
     max_batches: int = 100_000
     deadline: float = 60.0
+    max_warmup: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,7 @@ class TrainingProbe(Probe):
         seen = samples = batches = 0
         startup = warmup_end = steady_start = 0.0
         wait = 0.0
+        warming = True
         try:
             while True:
                 fetch = clock()
@@ -333,10 +337,14 @@ class TrainingProbe(Probe):
                 seen += 1
                 if seen == 1:
                     startup = got - start
-                if seen <= warmup:
-                    if seen == warmup:
+                if warming:
+                    # Warm-up drains the batches the workers queued during start-up, which would
+                    # flatter the rate; slow batches end it early rather than eat the budget.
+                    warmed = clock() - start - startup
+                    if seen >= warmup or (seen >= 2 and warmed >= window.max_warmup):
                         self._sync()
                         warmup_end = steady_start = clock()
+                        warming = False
                     continue
                 batches += 1
                 samples += _batch_len(batch) or config.batch_size

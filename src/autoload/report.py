@@ -24,6 +24,10 @@ def _rate(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
@@ -83,18 +87,22 @@ def render_report(result: TuneResult) -> RenderableType:
     parts.append(table)
 
     lines = []
+    winner_role = result.winner.role
     for name, label in (("defaults", "PyTorch defaults"), ("recipe", "hand-tuned recipe")):
         speedup = result.speedup(name)
-        if speedup is not None:
+        if name == winner_role:
+            lines.append(f"the {label} won: no other setting measured faster here")
+        elif speedup is not None:
             lines.append(f"{speedup:.2f}x faster than {label} "
                          f"({_rate(result.baselines[name])} samples/s)")
     bad = Counter((t.state, t.reason) for t in result.trials if t.state in ("infeasible", "failed"))
     if bad:
-        lines.append(f"{sum(bad.values())} trials infeasible or failed:")
+        lines.append(f"{_count(sum(bad.values()), 'trial')} infeasible or failed:")
         lines.extend(f"  {count} x {state}: {reason}" for (state, reason), count in bad.items())
     repeats = sum(t.state == "repeat" for t in result.trials)
     if repeats:
-        lines.append(f"{repeats} trials repeated a measured configuration and were not run again")
+        lines.append(f"{_count(repeats, 'trial')} repeated a measured configuration and "
+                     f"{'was' if repeats == 1 else 'were'} not run again")
     epoch = result.epoch_seconds()
     if epoch is not None:
         lines.append(f"one epoch of {n:,} samples: about {epoch:.1f} s")

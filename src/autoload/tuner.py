@@ -210,8 +210,9 @@ class _Study:
         return min(self.final_measurements * per, _FINAL_SHARE_MAX * (self.budget or 0.0))
 
     def should_stop(self) -> bool:
+        next_trial = self.window.seconds + self.overhead()
         if self.budget is not None and (
-            self.clock() + self.final_reserve() >= self.start + self.budget
+            self.clock() + next_trial + self.final_reserve() >= self.start + self.budget
         ):
             return True
         if self.repeats >= _REPEATS_TO_STOP or len(self.measured) >= self.space.size:
@@ -426,7 +427,7 @@ def tune(
                               memory_cap=host_cap, gpu_memory_cap=gpu_cap, clock=clock)
 
     seconds = 1.0 if timeout is None else min(5.0, max(0.25, timeout / 60))
-    window = Window(seconds=seconds, deadline=max(20.0, 10 * seconds))
+    window = Window(seconds=seconds, deadline=max(20.0, 10 * seconds), max_warmup=2 * seconds)
     state = _Study(space, probe, window=window, clock=clock, start=start, budget=timeout,
                    n_trials=n_trials, progress=progress,
                    final_measurements=final_rounds * (n_finalists + 2))
