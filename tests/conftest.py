@@ -31,10 +31,10 @@ class SurfaceProbe(Probe):
     """Measures ``rate(config)`` with seeded noise and advances a fake clock by the window."""
 
     def __init__(self, clock: FakeClock, rate=surface, *, noise: float = 0.02, seed: int = 0,
-                 fail=None, overhead: float = 0.1) -> None:
+                 fail=None, overhead: float = 0.1, wait: float = 0.2) -> None:
         self.clock, self.rate, self.noise, self.fail = clock, rate, noise, fail
         self.rng = np.random.default_rng(seed)
-        self.overhead = overhead
+        self.overhead, self.wait = overhead, wait
         self.calls: list[LoaderConfig] = []
 
     def measure(self, config: LoaderConfig, window: Window) -> Measurement:
@@ -43,8 +43,8 @@ class SurfaceProbe(Probe):
         if self.fail is not None:
             self.fail(config)
         rate = self.rate(config) * (1 + self.rng.normal(0, self.noise))
-        return Measurement(rate, 0.05, 0.1, window.seconds, int(rate * window.seconds), 10, 0.2,
-                           100 << 20)
+        return Measurement(rate, 0.05, 0.1, window.seconds, int(rate * window.seconds), 10,
+                           self.wait, 100 << 20)
 
 
 @pytest.fixture

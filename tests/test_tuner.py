@@ -167,3 +167,23 @@ def test_empty_and_non_datasets_are_rejected(clock):
         autoload.tune(TensorDataset(torch.zeros(0, 2)), probe=SurfaceProbe(clock), clock=clock)
     with pytest.raises(autoload.DatasetError, match="__len__"):
         autoload.tune(object(), probe=SurfaceProbe(clock), clock=clock)
+
+
+def test_slow_fetches_widen_workers_to_four_times_the_cpus(clock):
+    from autoload.space import usable_cpus
+
+    probe = SurfaceProbe(clock, wait=0.5)
+    result = autoload.tune(DATA, probe=probe, clock=clock, timeout=60)
+    cpus = usable_cpus()
+    assert probe.calls[0] == LoaderConfig(64, 0)  # the defaults, measured first, once
+    assert result.trials[0].state == "ok" and probe.calls.count(LoaderConfig(64, 0)) == 1 + 3
+    assert max(t.config.num_workers for t in result.trials) > cpus
+    assert any(f"up to {4 * cpus}" in note for note in result.notes)
+
+
+def test_cheap_fetches_keep_workers_up_to_the_cpus(clock):
+    from autoload.space import usable_cpus
+
+    result = autoload.tune(DATA, probe=SurfaceProbe(clock, wait=0.02), clock=clock, timeout=60)
+    assert max(t.config.num_workers for t in result.trials) <= usable_cpus()
+    assert any("only 2%" in note for note in result.notes)

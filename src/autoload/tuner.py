@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,6 +32,9 @@ _FINAL_SHARE_MAX = 0.4  # of the budget, at most, kept for the re-measure
 _OVERHEAD_GUESS = 0.3  # seconds a probe spends outside its window, until one is measured
 _SIMPLER_WITHIN = 0.01  # a simpler finalist this close to the best wins: the gap is noise
 _SAME_FAILURES_TO_STOP = 3
+_STARTUP_TRIALS = 6  # random trials (after the baselines) before TPE models the surface
+_NEGLIGIBLE_FETCH_SHARE = 0.1  # of the time spent fetching at num_workers=0
+_WORKERS_PER_CPU = 4
 _REPEATS_TO_STOP = 25
 
 
@@ -141,55 +146,61 @@ class _Study:
         self.failures: list[tuple[str, BaseException]] = []
         self.repeats = 0
         self.overheads: list[float] = []  # seconds each probe spends outside its window
+        self.pilots: set[LoaderConfig] = set()  # measured before the study, not yet a trial
         self.final_measurements = final_measurements
 
     def best(self) -> TrialRecord | None:
         ok = [r for r in self.measured.values() if r.state == "ok"]
         return max(ok, key=lambda r: r.samples_per_second, default=None)
 
+    def measure(self, config: LoaderConfig, number: int) -> TrialRecord:
+        """Probe ``config`` once; a fault becomes a record with its reason, not an exception."""
+        began = self.clock()
+        try:
+            m = self.probe.measure(config, self.window)
+        except AutoloadError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, MemoryCapExceeded):
+                record = TrialRecord(number, config, "infeasible", reason=str(exc))
+            elif is_oom(exc):
+                record = TrialRecord(number, config, "infeasible", reason="CUDA out of memory")
+            else:
+                reason = str(exc) if isinstance(exc, TrialTimeout) else _describe(exc)
+                record = TrialRecord(number, config, "failed", reason=reason)
+                self.failures.append((reason, exc))
+        else:
+            record = _record(number, config, m)
+            self.overheads.append(self.clock() - began - m.seconds)
+        self.measured[config] = record
+        return record
+
     def objective(self, trial: optuna.Trial) -> float:
         config = self.space.suggest(trial)
         trial.set_user_attr("config", config.to_dict())
         known = self.measured.get(config)
-        if known is not None:
+        if known is not None and config in self.pilots:
+            self.pilots.discard(config)  # measured before the study: this trial is its record
+            record = dataclasses.replace(known, number=trial.number)
+        elif known is not None:
             self.repeats += 1
             record = TrialRecord(trial.number, config, "repeat", known.samples_per_second,
                                  reason=known.reason)
-            return self._finish(trial, record, 0.0 if known.state == "ok" else 1.0)
-        self.repeats = 0
-        began = self.clock()
-        try:
-            m = self.probe.measure(config, self.window)
-        except MemoryCapExceeded as exc:
-            return self._fail(trial, config, "infeasible", str(exc), exc)
-        except TrialTimeout as exc:
-            return self._fail(trial, config, "failed", str(exc), exc)
-        except AutoloadError:
-            raise
-        except Exception as exc:
-            if is_oom(exc):
-                return self._fail(trial, config, "infeasible", "CUDA out of memory", exc)
-            return self._fail(trial, config, "failed", _describe(exc), exc)
-        record = _record(trial.number, config, m)
-        self.measured[config] = record
-        self.overheads.append(self.clock() - began - m.seconds)
-        return self._finish(trial, record, 0.0)
+        else:
+            self.repeats = 0
+            record = self.measure(config, trial.number)
+        return self._finish(trial, record, known)
 
-    def _fail(self, trial: optuna.Trial, config: LoaderConfig, state: Literal["infeasible",
-              "failed"], reason: str, exc: BaseException) -> float:
-        record = TrialRecord(trial.number, config, state, 0.0, reason=reason)
-        self.measured[config] = record
-        if state == "failed":
-            self.failures.append((reason, exc))
-        return self._finish(trial, record, 1.0)
-
-    def _finish(self, trial: optuna.Trial, record: TrialRecord, violation: float) -> float:
+    def _finish(self, trial: optuna.Trial, record: TrialRecord,
+                known: TrialRecord | None) -> float:
         # Optuna's TPE reads constraints: a positive value marks the trial infeasible, so the
         # sampler learns to avoid a region that faults instead of sampling it again and again.
-        trial.set_constraint("feasible", violation)
+        outcome = known or record
+        trial.set_constraint("feasible", 0.0 if outcome.state == "ok" else 1.0)
         trial.set_user_attr("state", record.state)
-        if record.reason:
-            trial.set_user_attr("reason", record.reason)
+        for name in ("reason", "startup_seconds", "data_wait_fraction", "peak_host_bytes"):
+            if getattr(record, name) is not None:
+                trial.set_user_attr(name, getattr(record, name))
         self.records.append(record)
         if self.progress is not None:
             best = self.best()
@@ -406,13 +417,14 @@ def tune(
         notes.append("IterableDataset: kept num_workers=0, since each worker would replay the "
                      "whole stream; pass sharded=True (--sharded) if it shards itself.")
     cuda = resolved.type == "cuda"
-    space = build_space(
-        n, device_type=resolved.type, has_model=model is not None, batch_size=batch_size,
+    space_args: dict[str, Any] = dict(
+        device_type=resolved.type, has_model=model is not None, batch_size=batch_size,
         min_batch_size=min_batch_size, max_batch_size=max_batch_size, drop_last=drop_last,
         num_workers=num_workers, max_workers=max_workers, prefetch_factor=prefetch_factor,
         pin_memory=pin_memory, amp=amp,
         bf16_supported=cuda and torch.cuda.is_bf16_supported(),
     )
+    space = build_space(n, **space_args)
     if not cuda:
         notes.append("pin_memory stays False: it only helps copies to a CUDA device.")
 
@@ -435,12 +447,21 @@ def tune(
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
+        # Multivariate TPE models batch size and workers jointly (their effects interact);
+        # group=True lets it do so although prefetch_factor exists only with workers.
+        with warnings.catch_warnings():  # `group` is marked experimental; we pin optuna>=5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                                 n_startup_trials=_STARTUP_TRIALS)
         study = optuna.create_study(
-            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
-            storage=storage, study_name=study_name, load_if_exists=storage is not None,
+            direction="maximize", sampler=sampler, storage=storage, study_name=study_name,
+            load_if_exists=storage is not None,
         )
         _load_previous(study, state)
         defaults, recipe = space.baselines()
+        if num_workers is None and max_workers is None:
+            space = _widen_for_slow_fetches(state, space, defaults, n, space_args, notes)
+            defaults, recipe = space.baselines()
         for baseline in (defaults, recipe):
             study.enqueue_trial(space.params(baseline), skip_if_exists=True)
         study.optimize(state.objective, n_trials=n_trials, callbacks=[state.callback])
@@ -452,6 +473,33 @@ def tune(
         optuna.logging.set_verbosity(verbosity)
 
 
+def _widen_for_slow_fetches(state: _Study, space: SearchSpace, defaults: LoaderConfig,
+                            n: int | None, space_args: dict[str, Any],
+                            notes: list[str]) -> SearchSpace:
+    """Measure PyTorch's defaults first (they are trial 0 anyway) and, when fetching items takes
+    more than a negligible share of the time there, search up to 4x the CPUs for workers.
+
+    Items that wait (disk, network) gain most from extra workers, but CPU-heavy items can gain too
+    while the model competes for the cores; cheap in-memory items keep ``num_workers=0`` in the
+    space either way.
+    """
+    record = state.measured.get(defaults)
+    if record is None:
+        record = state.measure(defaults, -1)
+        state.pilots.add(defaults)
+    share = record.data_wait_fraction
+    if share is None or share <= _NEGLIGIBLE_FETCH_SHARE:
+        if share is not None:
+            notes.append(f"num_workers searched up to the {space.cpus} CPUs: with "
+                         f"num_workers=0 fetching took only {share:.0%} of the time.")
+        return space
+    top = _WORKERS_PER_CPU * space.cpus
+    notes.append(f"num_workers searched up to {top} ({_WORKERS_PER_CPU}x the {space.cpus} CPUs): "
+                 f"with num_workers=0 fetching took {share:.0%} of the time.")
+    state.space = build_space(n, **{**space_args, "max_workers": top, "cpus": space.cpus})
+    return state.space
+
+
 def _load_previous(study: optuna.Study, state: _Study) -> None:
     """Take a resumed study's measured trials as known, so they are not run again."""
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
@@ -460,8 +508,13 @@ def _load_previous(study: optuna.Study, state: _Study) -> None:
             continue
         config = LoaderConfig.from_dict(data)
         if state.space.contains(config):
-            state.measured[config] = TrialRecord(t.number, config, kind, t.value or 0.0,
-                                                 reason=t.user_attrs.get("reason"))
+            state.measured[config] = TrialRecord(
+                t.number, config, kind, t.value or 0.0,
+                startup_seconds=t.user_attrs.get("startup_seconds"),
+                data_wait_fraction=t.user_attrs.get("data_wait_fraction"),
+                peak_host_bytes=t.user_attrs.get("peak_host_bytes"),
+                reason=t.user_attrs.get("reason"),
+            )
 
 
 def _finish(state: _Study, defaults: LoaderConfig, recipe: LoaderConfig, *, n_finalists: int,
