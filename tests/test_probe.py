@@ -78,3 +78,20 @@ def test_move_to_device_keeps_structure():
     moved = move_to_device(batch, CPU)
     assert moved["tag"] == "a" and isinstance(moved["pair"], tuple)
     assert isinstance(moved["pair"][1], list)
+
+
+def test_step_rate_bounds_the_training_step_and_restores_the_model():
+    net = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in net.parameters()]
+    probe = TrainingProbe(Indexed(64), device=CPU, model=net,
+                          loss_fn=torch.nn.functional.cross_entropy)
+    rate = probe.step_rate(LoaderConfig(16, 1, 2), Window(0.2))
+    assert rate is not None and rate > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert TrainingProbe(Indexed(64), device=CPU).step_rate(LoaderConfig(16), SHORT) is None
+
+
+def test_a_hopeless_configuration_is_cut_short():
+    probe = TrainingProbe(Indexed(64), device=CPU)
+    m = probe.measure(LoaderConfig(16), Window(seconds=3, abandon_below=1e12))
+    assert m.cut_short and m.seconds < 2 and m.samples_per_second > 0

@@ -56,6 +56,9 @@ class Window:
         min_batches: Steady batches measured at least, even past ``seconds`` (slow steps).
         max_warmup: Warm-up ends after this many seconds past the first batch even if the
             prefetch queue may not be drained yet (large, slow batches).
+        abandon_below: A rate (samples/s) that, once a third of the window has shown the
+            configuration stays under it, ends the window early: a hopeless configuration
+            need not be measured precisely.
         max_batches: Steady batches measured at most.
         deadline: Hard bound on the whole probe, start-up included; past it the trial fails.
     """
@@ -65,6 +68,7 @@ class Window:
     max_batches: int = 100_000
     deadline: float = 60.0
     max_warmup: float = 2.0
+    abandon_below: float | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class Measurement:
         data_wait_fraction: Share of the steady window spent waiting for the next batch.
         peak_host_bytes: Peak memory of the main process plus all workers (PSS).
         peak_gpu_bytes: Peak GPU memory allocated, or ``None`` off CUDA.
+        cut_short: The window ended early because the rate stayed under ``abandon_below``.
     """
 
     samples_per_second: float
@@ -92,6 +97,7 @@ class Measurement:
     data_wait_fraction: float
     peak_host_bytes: int = 0
     peak_gpu_bytes: int | None = None
+    cut_short: bool = False
 
 
 class Probe(ABC):
@@ -107,6 +113,11 @@ class Probe(ABC):
     @abstractmethod
     def measure(self, config: LoaderConfig, window: Window) -> Measurement:
         """Run one window under ``config`` and measure it."""
+
+    def step_rate(self, config: LoaderConfig, window: Window) -> float | None:
+        """Samples per second of the training step alone, on one batch already on the device
+        (an upper bound for any loader); ``None`` when there is no step to measure."""
+        return None
 
 
 def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -318,6 +329,7 @@ class TrainingProbe(Probe):
         startup = warmup_end = steady_start = 0.0
         wait = 0.0
         warming = True
+        cut_short = False
         try:
             while True:
                 fetch = clock()
@@ -354,6 +366,11 @@ class TrainingProbe(Probe):
                     elapsed >= window.seconds and batches >= window.min_batches
                 ):
                     break
+                if (window.abandon_below is not None and batches >= window.min_batches
+                        and elapsed >= window.seconds / 3
+                        and samples < window.abandon_below * elapsed):
+                    cut_short = True
+                    break
             self._sync()
             seconds = clock() - steady_start
         except BaseException as exc:
@@ -373,7 +390,32 @@ class TrainingProbe(Probe):
             samples=samples,
             batches=batches,
             data_wait_fraction=min(1.0, wait / seconds) if seconds > 0 else 0.0,
+            cut_short=cut_short,
         )
+
+    def step_rate(self, config: LoaderConfig, window: Window) -> float | None:
+        if self.model is None:
+            return None
+        saved = TrainingState.capture(self.model, self.optimizer)
+        try:
+            in_process = replace(config, num_workers=0, prefetch_factor=None, pin_memory=False)
+            loader = DataLoader(self.dataset,
+                                **in_process.dataloader_arguments(self.loader_options))
+            batch = move_to_device(next(iter(loader)), self.device)
+            del loader
+            step = self._make_step(config)
+            n = _batch_len(batch) or config.batch_size
+            for _ in range(2):  # warm-up: allocator, autocast caches
+                step(batch)
+            self._sync()
+            steps, start = 0, self.clock()
+            while steps < window.min_batches or self.clock() - start < window.seconds:
+                step(batch)
+                steps += 1
+            self._sync()
+            return steps * n / (self.clock() - start)
+        finally:
+            saved.restore()
 
     def _check_gpu_cap(self) -> None:
         if self.gpu_memory_cap is not None and self.device.type == "cuda":

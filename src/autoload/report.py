@@ -103,6 +103,15 @@ def render_report(result: TuneResult) -> RenderableType:
     if repeats:
         lines.append(f"{_count(repeats, 'trial')} repeated a measured configuration and "
                      f"{'was' if repeats == 1 else 'were'} not run again")
+    if result.step_rate:
+        lines.append(
+            f"bound: the training step alone (batch already on {result.device}) runs "
+            f"{_rate(result.step_rate)} samples/s; the winner reaches "
+            f"{result.samples_per_second / result.step_rate:.0%} of it and is bound by "
+            f"{result.bound}")
+    elif result.fetch_rate:
+        lines.append(f"bound: one process fetches {_rate(result.fetch_rate)} samples/s; the "
+                     f"winner reaches {result.samples_per_second / result.fetch_rate:.1f}x that")
     epoch = result.epoch_seconds()
     if epoch is not None:
         lines.append(f"one epoch of {n:,} samples: about {epoch:.1f} s")

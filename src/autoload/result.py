@@ -96,6 +96,10 @@ class TuneResult:
         samples_per_epoch: Samples one epoch serves (``None`` for an iterable data set).
         elapsed_seconds: Wall time of the whole run.
         notes: What the tuner chose to leave out or fix, in plain words.
+        step_rate: Samples/s of the training step alone at the winner's settings, with the
+            batch already on the device: what no loader can beat (``None`` without a model).
+        fetch_rate: Samples/s of fetching and collating in one process (from PyTorch's
+            defaults, ``num_workers=0``), when measured.
     """
 
     config: LoaderConfig
@@ -110,6 +114,14 @@ class TuneResult:
     elapsed_seconds: float
     space_size: int
     notes: tuple[str, ...] = field(default=())
+    step_rate: float | None = None
+    fetch_rate: float | None = None
+
+    @property
+    def bound(self) -> Literal["data loading", "training step"]:
+        """What limits the winner: waiting for data most of the time, or the step itself."""
+        wait = self.winner.data_wait_fraction
+        return "data loading" if wait is not None and wait > 0.5 else "training step"
 
     @property
     def winner(self) -> FinalistRecord:
@@ -145,6 +157,8 @@ class TuneResult:
             "elapsed_seconds": self.elapsed_seconds,
             "space_size": self.space_size,
             "notes": list(self.notes),
+            "step_rate": self.step_rate,
+            "fetch_rate": self.fetch_rate,
             "format_version": FORMAT_VERSION,
         }
         return json.dumps(data, indent=indent)
@@ -173,6 +187,8 @@ class TuneResult:
                 elapsed_seconds=float(data["elapsed_seconds"]),
                 space_size=int(data["space_size"]),
                 notes=tuple(data["notes"]),
+                step_rate=data.get("step_rate"),
+                fetch_rate=data.get("fetch_rate"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ResultFileError(

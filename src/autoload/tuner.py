@@ -35,6 +35,7 @@ _SAME_FAILURES_TO_STOP = 3
 _STARTUP_TRIALS = 6  # random trials (after the baselines) before TPE models the surface
 _NEGLIGIBLE_FETCH_SHARE = 0.1  # of the time spent fetching at num_workers=0
 _WORKERS_PER_CPU = 4
+_ABANDON_BELOW = 0.5  # of the best rate so far: a trial clearly under it stops early
 _REPEATS_TO_STOP = 25
 
 
@@ -156,8 +157,11 @@ class _Study:
     def measure(self, config: LoaderConfig, number: int) -> TrialRecord:
         """Probe ``config`` once; a fault becomes a record with its reason, not an exception."""
         began = self.clock()
+        best = self.best()
+        window = self.window if best is None else dataclasses.replace(
+            self.window, abandon_below=_ABANDON_BELOW * best.samples_per_second)
         try:
-            m = self.probe.measure(config, self.window)
+            m = self.probe.measure(config, window)
         except AutoloadError:
             raise
         except Exception as exc:
@@ -217,6 +221,7 @@ class _Study:
     def final_reserve(self) -> float:
         """Seconds to keep for the side-by-side re-measure, from the overhead seen so far."""
         per = _FINAL_WINDOW * self.window.seconds + self.overhead()
+        per += self.window.seconds / self.final_measurements  # the step-alone bound
         # On a short budget the final windows shrink rather than the search vanishing.
         return min(self.final_measurements * per, _FINAL_SHARE_MAX * (self.budget or 0.0))
 
@@ -555,6 +560,15 @@ def _finish(state: _Study, defaults: LoaderConfig, recipe: LoaderConfig, *, n_fi
     top = max(f.median for f in records.values())
     winner = min((f for f in records.values() if f.median >= top * (1 - _SIMPLER_WITHIN)),
                  key=lambda f: _simplicity(f.config)).config
+    try:  # an upper bound: the training step alone, on a batch already on the device
+        step_rate = state.probe.step_rate(winner, Window(seconds=state.window.seconds))
+    except Exception:  # the bound is a nicety; a fault here must not lose the result
+        step_rate = None
+    pilot = state.measured.get(defaults)
+    fetch_rate = None
+    if pilot is not None and pilot.state == "ok" and pilot.data_wait_fraction:
+        # At num_workers=0 every wait is the main process fetching and collating.
+        fetch_rate = pilot.samples_per_second / pilot.data_wait_fraction
     baselines = {role: f.median for f in records.values() for role in finalists[f.config]
                  if role != "candidate"}
     return TuneResult(
@@ -570,6 +584,8 @@ def _finish(state: _Study, defaults: LoaderConfig, recipe: LoaderConfig, *, n_fi
         elapsed_seconds=state.clock() - state.start,
         space_size=state.space.size,
         notes=tuple(notes),
+        step_rate=step_rate,
+        fetch_rate=fetch_rate,
     )
 
 
