@@ -1,5 +1,7 @@
 """One real training window on tiny data sets."""
 
+import time
+
 import psutil
 import pytest
 import torch
@@ -95,3 +97,12 @@ def test_a_hopeless_configuration_is_cut_short():
     probe = TrainingProbe(Indexed(64), device=CPU)
     m = probe.measure(LoaderConfig(16), Window(seconds=3, abandon_below=1e12))
     assert m.cut_short and m.seconds < 2 and m.samples_per_second > 0
+
+
+def test_slow_batches_stop_at_the_time_limit():
+    from toydata import Slow
+
+    probe = TrainingProbe(Slow(64, 0.02), device=CPU)  # 0.3 s a batch of 16
+    start = time.monotonic()
+    m = probe.measure(LoaderConfig(16), Window(seconds=5, time_limit=1.0))
+    assert m.cut_short and time.monotonic() - start < 2.5 and m.samples_per_second > 0

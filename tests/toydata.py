@@ -94,3 +94,15 @@ class Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         for i in range(self.n):
             yield torch.full((4,), float(i)), i % 3
+
+
+class Slow(Indexed):
+    """Each item takes ``seconds`` to fetch (it waits, like disk or network)."""
+
+    def __init__(self, n: int, seconds: float) -> None:
+        super().__init__(n)
+        self.seconds = seconds
+
+    def __getitem__(self, i: int):
+        time.sleep(self.seconds)
+        return super().__getitem__(i)

@@ -56,6 +56,9 @@ class Window:
         min_batches: Steady batches measured at least, even past ``seconds`` (slow steps).
         max_warmup: Warm-up ends after this many seconds past the first batch even if the
             prefetch queue may not be drained yet (large, slow batches).
+        time_limit: Soft bound on the whole probe, start-up included: past it the probe ends
+            with what it measured so far (warm-up batches too, if it never left warm-up) and
+            sets ``cut_short``. Slow batches then cost the budget a bounded time.
         abandon_below: A rate (samples/s) that, once a third of the window has shown the
             configuration stays under it, ends the window early: a hopeless configuration
             need not be measured precisely.
@@ -68,6 +71,7 @@ class Window:
     max_batches: int = 100_000
     deadline: float = 60.0
     max_warmup: float = 2.0
+    time_limit: float | None = None
     abandon_below: float | None = None
 
 
@@ -349,6 +353,13 @@ class TrainingProbe(Probe):
                 seen += 1
                 if seen == 1:
                     startup = got - start
+                over_time = window.time_limit is not None and clock() - start > window.time_limit
+                if warming and over_time and seen >= 3:
+                    # Out of time in warm-up: measure the batches after the first instead.
+                    samples = (seen - 1) * config.batch_size
+                    batches, steady_start, warmup_end = seen - 1, start + startup, clock()
+                    cut_short = True
+                    break
                 if warming:
                     # Warm-up drains the batches the workers queued during start-up, which would
                     # flatter the rate; slow batches end it early rather than eat the budget.
@@ -366,9 +377,9 @@ class TrainingProbe(Probe):
                     elapsed >= window.seconds and batches >= window.min_batches
                 ):
                     break
-                if (window.abandon_below is not None and batches >= window.min_batches
-                        and elapsed >= window.seconds / 3
-                        and samples < window.abandon_below * elapsed):
+                if over_time or (window.abandon_below is not None and batches >= window.min_batches
+                                 and elapsed >= window.seconds / 3
+                                 and samples < window.abandon_below * elapsed):
                     cut_short = True
                     break
             self._sync()

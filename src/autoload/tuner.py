@@ -35,6 +35,7 @@ _SAME_FAILURES_TO_STOP = 3
 _STARTUP_TRIALS = 6  # random trials (after the baselines) before TPE models the surface
 _NEGLIGIBLE_FETCH_SHARE = 0.1  # of the time spent fetching at num_workers=0
 _WORKERS_PER_CPU = 4
+_TRIAL_WINDOWS = 4  # a search trial's soft time limit, in windows
 _ABANDON_BELOW = 0.5  # of the best rate so far: a trial clearly under it stops early
 _REPEATS_TO_STOP = 25
 
@@ -158,8 +159,11 @@ class _Study:
         """Probe ``config`` once; a fault becomes a record with its reason, not an exception."""
         began = self.clock()
         best = self.best()
-        window = self.window if best is None else dataclasses.replace(
-            self.window, abandon_below=_ABANDON_BELOW * best.samples_per_second)
+        window = dataclasses.replace(
+            self.window,
+            abandon_below=None if best is None else _ABANDON_BELOW * best.samples_per_second,
+            time_limit=self._trial_time_limit(),
+        )
         try:
             m = self.probe.measure(config, window)
         except AutoloadError:
@@ -214,6 +218,14 @@ class _Study:
                 None if best is None else best.config, record,
             ))
         return record.samples_per_second
+
+    def _trial_time_limit(self) -> float:
+        """A trial may take a few windows, but never the re-measure's reserve."""
+        limit = _TRIAL_WINDOWS * self.window.seconds + self.overhead()
+        if self.budget is not None:
+            left = self.start + self.budget - self.final_reserve() - self.clock()
+            limit = min(limit, max(self.window.seconds, left))
+        return limit
 
     def overhead(self) -> float:
         return statistics.median(self.overheads) if self.overheads else _OVERHEAD_GUESS
@@ -539,7 +551,9 @@ def _finish(state: _Study, defaults: LoaderConfig, recipe: LoaderConfig, *, n_fi
         left = state.start + state.budget - state.clock()
         seconds = max(state.window.seconds / 2,
                       left / (rounds * len(finalists)) - state.overhead())
-    window = Window(seconds=seconds, deadline=state.window.deadline)
+    window = Window(seconds=seconds, deadline=state.window.deadline,
+                    max_warmup=state.window.max_warmup,
+                    time_limit=_TRIAL_WINDOWS * seconds + state.overhead())
     measured = _remeasure(state, finalists, rounds, window)
     if not measured:
         raise TuningFailedError("every finalist faulted when re-measured; the machine may be "
