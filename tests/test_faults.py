@@ -140,3 +140,13 @@ def test_user_state_survives_a_trial_that_raises_mid_window():
         probe.measure(LoaderConfig(16), Window(5))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     assert os.getpid() == psutil.Process().pid
+
+
+def test_segfault_in_a_worker_fails_that_trial_only():
+    from toydata import SegfaultsInWorker
+
+    result = autoload.tune(SegfaultsInWorker(64), num_workers=[0, 1], **FAST)
+    assert result.config.num_workers == 0
+    failed = [t for t in result.trials if t.state == "failed"]
+    assert failed and all((t.reason or "").startswith("worker died") for t in failed)
+    assert not _children()

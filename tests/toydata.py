@@ -106,3 +106,12 @@ class Slow(Indexed):
     def __getitem__(self, i: int):
         time.sleep(self.seconds)
         return super().__getitem__(i)
+
+
+class SegfaultsInWorker(Indexed):
+    def __getitem__(self, i: int):
+        if get_worker_info() is not None:
+            import ctypes
+
+            ctypes.string_at(0)  # a native crash, as a broken decoder would cause
+        return super().__getitem__(i)

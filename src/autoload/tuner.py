@@ -126,7 +126,8 @@ def _describe(exc: BaseException) -> str:
     name = type(exc).__name__
     if not lines:
         return name
-    if "DataLoader worker" in lines[0] and "exited unexpectedly" in lines[0]:
+    if "DataLoader worker" in lines[0] and ("exited unexpectedly" in lines[0]
+                                            or "killed by signal" in lines[0]):
         return f"worker died: {lines[0]}"
     last = lines[-1]
     if "in DataLoader worker process" in lines[0]:  # torch's re-raise: the original is last
