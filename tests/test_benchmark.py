@@ -88,10 +88,21 @@ def test_grid_size_and_order():
     assert all((c.num_workers == 0) == (c.prefetch_factor is None) for c in with_model)
 
 
-def test_case_modules_follow_the_contract(monkeypatch):
+@pytest.fixture
+def cases(monkeypatch):
+    """The `cases` package, imported with `benchmarks/` on sys.path; sys.path and the modules it
+    imported (`cases.*`, the example it reuses) are restored afterwards."""
     monkeypatch.syspath_prepend(str(BENCH))
-    import cases
+    before = set(sys.modules)
+    try:
+        yield importlib.import_module("cases")
+    finally:
+        for name in set(sys.modules) - before:
+            if name.split(".")[0] in ("cases", "synthetic_images"):
+                del sys.modules[name]
 
+
+def test_case_modules_follow_the_contract(cases):
     assert cases.select("a,c_io_wait") == ["a_inmemory", "c_io_wait"]
     assert cases.select(None) == list(cases.NAMES)
     with pytest.raises(ValueError, match="unknown case"):

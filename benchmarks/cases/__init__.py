@@ -1,0 +1,34 @@
+"""Benchmark cases: one module each, with a known, different bottleneck.
+
+Every case module exposes ``DESCRIPTION`` (one line), ``BOTTLENECK`` (a few words for the table),
+``N`` and ``QUICK_N`` (data set sizes of the full and the ``--quick`` run), ``make_dataset(n)``,
+``make_model()`` (``None`` for a data-only case) and ``LOSS`` (a callable, or ``None``).
+Data set classes live at module top level so that worker processes can unpickle them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+NAMES = ("a_inmemory", "b_cpu_items", "c_io_wait", "d_large_samples", "e_heavy_model")
+
+
+def load(name: str) -> ModuleType:
+    """Import the case module ``name`` (one of :data:`NAMES`)."""
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def select(spec: str | None) -> list[str]:
+    """Case names from ``"a,c"`` or ``"a_inmemory,c_io_wait"``; all of them for ``None``."""
+    if not spec:
+        return list(NAMES)
+    chosen: list[str] = []
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        matches = [n for n in NAMES if n == token or n.split("_", 1)[0] == token]
+        if not matches:
+            raise ValueError(f"unknown case {token!r}; choose from {', '.join(NAMES)}")
+        chosen.extend(m for m in matches if m not in chosen)
+    return chosen
