@@ -72,7 +72,7 @@ def test_ctrl_c_keeps_finished_trials_restores_the_model_and_leaves_no_worker(tm
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     before = [p.detach().clone() for p in net.parameters()]
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    data = InterruptsAfter(64, after=40, armed=False)
+    data = InterruptsAfter(960, after=40, armed=False)
 
     def arm_after_two_trials(event):
         data.armed = event.done >= 2  # Ctrl-C in the middle of the third trial

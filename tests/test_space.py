@@ -95,3 +95,11 @@ def test_loader_kwargs_obey_torch_rules():
 def test_space_size_counts_prefetch_only_with_workers():
     space = build_space(1000, device_type="cpu", has_model=False, cpus=2, batch_size=[50, 100])
     assert space.size == 2 * (1 + 2 * 4)
+
+
+def test_cpu_without_native_bf16_leaves_autocast_out():
+    space = build_space(100, device_type="cpu", has_model=True, cpus=2, bf16_supported=False)
+    assert space.amp == (None,)
+    pinned = build_space(100, device_type="cpu", has_model=True, cpus=2, bf16_supported=False,
+                         amp="bfloat16")
+    assert pinned.amp == ("bfloat16",)

@@ -14,7 +14,6 @@ import traceback
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -166,27 +165,58 @@ _COLLATE_HINTS = ("stack expects each tensor to be equal size", "default_collate
                   "each element in list of batch should be of equal size")
 
 
-@contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    """Raise TrialTimeout in the main thread after ``seconds``; a no-op elsewhere.
+class _OutOfTime(Exception):
+    """The soft time limit passed: stop measuring and keep what was measured."""
 
-    It bounds Python-level hangs in the main process (``num_workers=0``); hung workers are
-    bounded by the DataLoader's own ``timeout`` as well.
+
+class _Alarm:
+    """One real-time timer for two limits, in the main thread (a no-op elsewhere).
+
+    The hard limit bounds a hang (a stuck ``__getitem__`` at ``num_workers=0``, a worker that
+    never answers): it raises :class:`TrialTimeout`. The soft limit, armed once the first batch
+    is in, interrupts a step that would overrun the trial's share of the budget (a huge batch, a
+    slow autocast): it raises ``_OutOfTime`` and the probe keeps what it measured. Python runs the
+    handler between interpreter steps, so a long native op delays it by that op's length.
     """
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
-        yield
-        return
 
-    def fire(signum: int, frame: object) -> None:
-        raise TrialTimeout(f"the trial ran past its {seconds:.0f} s deadline")
+    def __init__(self, hard_seconds: float) -> None:
+        self.enabled = (threading.current_thread() is threading.main_thread()
+                        and hasattr(signal, "SIGALRM"))
+        self._hard_seconds = hard_seconds
+        self._hard = self._soft = None  # type: float | None
+        self._previous: Any = None
 
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    def __enter__(self) -> _Alarm:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGALRM, self._fire)
+            self._hard = time.monotonic() + self._hard_seconds
+            self._arm()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)
+
+    def soft_in(self, seconds: float) -> None:
+        if self.enabled:
+            self._soft = time.monotonic() + max(seconds, 0.001)
+            self._arm()
+
+    def _arm(self) -> None:
+        due = min(t for t in (self._hard, self._soft) if t is not None)
+        signal.setitimer(signal.ITIMER_REAL, max(due - time.monotonic(), 0.001))
+
+    def _fire(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if self._hard is not None and now >= self._hard:
+            self._hard = None
+            raise TrialTimeout(f"the trial ran past its {self._hard_seconds:.0f} s deadline")
+        if self._soft is not None and now >= self._soft:
+            self._soft = None
+            self._arm()
+            raise _OutOfTime
+        self._arm()
 
 
 class TrainingProbe(Probe):
@@ -248,9 +278,9 @@ class TrainingProbe(Probe):
                 # Python 3.12+ warns on fork() beside threads; the memory watchdog's thread
                 # holds no lock a worker needs.
                 warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead")
-                with MemoryWatchdog(self.memory_cap) as dog, _deadline(window.deadline):
+                with MemoryWatchdog(self.memory_cap) as dog, _Alarm(window.deadline) as alarm:
                     try:
-                        result = self._run(config, window, dog)
+                        result = self._run(config, window, dog, alarm)
                     except (MemoryCapExceeded, AutoloadError, TrialTimeout):
                         raise
                     except Exception as exc:
@@ -321,7 +351,8 @@ class TrainingProbe(Probe):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _run(self, config: LoaderConfig, window: Window, dog: MemoryWatchdog) -> Measurement:
+    def _run(self, config: LoaderConfig, window: Window, dog: MemoryWatchdog,
+             alarm: _Alarm) -> Measurement:
         clock = self.clock
         step = self._make_step(config)
         warmup = max(3, config.num_workers * (config.prefetch_factor or 0))
@@ -353,13 +384,11 @@ class TrainingProbe(Probe):
                 seen += 1
                 if seen == 1:
                     startup = got - start
+                    if window.time_limit is not None:
+                        alarm.soft_in(window.time_limit - (clock() - start))
                 over_time = window.time_limit is not None and clock() - start > window.time_limit
-                if warming and over_time and seen >= 3:
-                    # Out of time in warm-up: measure the batches after the first instead.
-                    samples = (seen - 1) * config.batch_size
-                    batches, steady_start, warmup_end = seen - 1, start + startup, clock()
-                    cut_short = True
-                    break
+                if warming and over_time:
+                    raise _OutOfTime
                 if warming:
                     # Warm-up drains the batches the workers queued during start-up, which would
                     # flatter the rate; slow batches end it early rather than eat the budget.
@@ -383,6 +412,15 @@ class TrainingProbe(Probe):
                     cut_short = True
                     break
             self._sync()
+            seconds = clock() - steady_start
+        except _OutOfTime:
+            cut_short = True
+            if batches == 0:  # still warming up: measure what came after the first batch
+                samples, batches = (seen - 1) * config.batch_size, seen - 1
+                steady_start = start + startup
+                warmup_end = warmup_end or clock()
+            if batches == 0:  # not even a second batch in time: the first, start-up included
+                samples, batches, steady_start = config.batch_size, 1, start
             seconds = clock() - steady_start
         except BaseException as exc:
             # The traceback's frames hold the iterator (DataLoader's own methods have it as

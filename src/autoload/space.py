@@ -21,7 +21,9 @@ from autoload.errors import ConfigError
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["AmpChoice", "SearchSpace", "build_space", "divisors", "usable_cpus"]
+__all__ = [
+    "AmpChoice", "SearchSpace", "build_space", "cpu_has_native_bf16", "divisors", "usable_cpus",
+]
 
 AmpChoice = Literal["auto", "off", "bfloat16", "float16"]
 
@@ -55,6 +57,18 @@ def usable_cpus() -> int:
     if quota is not None:
         count = min(count, max(1, math.ceil(quota)))
     return max(1, count)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX). Without it, bf16
+    autocast on the CPU is emulated and usually several times slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import torch
+
+        return "AMX" in torch.backends.cpu.get_cpu_capability()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _cgroup_cpu_quota() -> float | None:
@@ -306,7 +320,9 @@ def build_space(
         amps = (amp,)
     elif cuda:
         amps = (None, "float16", "bfloat16") if bf16_supported else (None, "float16")
-    else:
+    elif bf16_supported:
         amps = (None, "bfloat16")
+    else:
+        amps = (None,)
 
     return SearchSpace(batches, workers, prefetch, pins, amps, drop_last, cpus, n)
