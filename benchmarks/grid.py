@@ -5,9 +5,12 @@ The grid is the product of
 - batch sizes: up to 8 divisors of the data set's size N in [8, 1024], chosen nearest (in log
   scale) to a geometric sequence from the smallest to the largest such divisor
   (:func:`log_spaced_divisors`), so every sample is served once per epoch;
-- ``num_workers``: 0, 1, ..., CPUs, 2 x CPUs, 4 x CPUs (:func:`worker_counts`);
+- ``num_workers``: 0, 1, ..., CPUs, 2 x CPUs, 4 x CPUs (:func:`worker_counts`), optionally capped
+  to 0, 1 and log-spaced counts up to a maximum (:func:`cap_workers`);
 - ``prefetch_factor``: 2 and 4, only with workers;
-- AMP: off and ``bfloat16``, only when the case has a model.
+- ``pin_memory``: off only on CPU; off and on with a CUDA device;
+- AMP: off and ``bfloat16`` on CPU (off, ``float16`` and, where supported, ``bfloat16`` on
+  CUDA), only when the case has a model.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import math
 from collections.abc import Sequence
 
 from autoload import LoaderConfig
+from autoload.config import AmpDtype
 
 __all__ = [
     "PREFETCH_FACTORS",
     "build_grid",
+    "cap_workers",
     "divisors_in",
     "log_spaced_divisors",
     "nearest_divisor",
@@ -95,22 +100,49 @@ def nearest_divisor(n: int, target: int = 64, low: int = MIN_BATCH, high: int = 
     return min(candidates, key=lambda d: (abs(d - target), d))
 
 
-def worker_counts(cpus: int, quick: bool = False) -> list[int]:
-    """0, 1, ..., ``cpus``, 2 x ``cpus``, 4 x ``cpus`` (just 0 and 1 when ``quick``)."""
+def worker_counts(cpus: int, quick: bool = False, cap: int | None = None) -> list[int]:
+    """0, 1, ..., ``cpus``, 2 x ``cpus``, 4 x ``cpus`` (just 0 and 1 when ``quick``), thinned by
+    :func:`cap_workers` when ``cap`` is given."""
     if quick:
         return [0, 1]
-    return sorted({*range(cpus + 1), 2 * cpus, 4 * cpus})
+    counts = sorted({*range(cpus + 1), 2 * cpus, 4 * cpus})
+    return counts if cap is None else cap_workers(counts, cap)
+
+
+def cap_workers(counts: Sequence[int], cap: int) -> list[int]:
+    """The counts up to ``cap``, thinned to 0, 1, the powers of two and the largest one left.
+
+    Example:
+        >>> cap_workers(worker_counts(16), 8)
+        [0, 1, 2, 4, 8]
+        >>> cap_workers(worker_counts(6), 8)
+        [0, 1, 2, 4, 6]
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be at least 1, but got {cap}")
+    kept = sorted({w for w in counts if w <= cap})
+    if not kept:
+        return []
+    return [w for w in kept if w <= 1 or w & (w - 1) == 0 or w == kept[-1]]
 
 
 def build_grid(batch_sizes: Sequence[int], workers: Sequence[int], *, has_model: bool,
-               prefetch_factors: Sequence[int] = PREFETCH_FACTORS) -> list[LoaderConfig]:
-    """Every grid point: AMP outermost (full precision first), then batch size, workers and
-    prefetch factor."""
-    amps: tuple[str | None, ...] = (None, "bfloat16") if has_model else (None,)
+               prefetch_factors: Sequence[int] = PREFETCH_FACTORS,
+               amps: Sequence[AmpDtype | None] | None = None,
+               pin_memory: Sequence[bool] = (False,)) -> list[LoaderConfig]:
+    """Every grid point: AMP outermost (full precision first), then batch size, workers,
+    prefetch factor and ``pin_memory`` (off first).
+
+    ``amps`` defaults to off and ``bfloat16`` (the CPU grid); without a model it is off only."""
+    if not has_model:
+        amps = (None,)
+    elif amps is None:
+        amps = (None, "bfloat16")
     grid: list[LoaderConfig] = []
     for amp in amps:
         for batch in batch_sizes:
             for w in workers:
                 for prefetch in (prefetch_factors if w > 0 else (None,)):
-                    grid.append(LoaderConfig(batch, w, prefetch, amp=amp))  # type: ignore[arg-type]
+                    for pin in pin_memory:
+                        grid.append(LoaderConfig(batch, w, prefetch, pin, amp))
     return grid

@@ -1,14 +1,15 @@
 """Benchmark autoload's tuner against a fixed grid (the oracle) and two baselines.
 
     python benchmarks/run.py [--cases a,b,...] [--quick] [--json benchmarks/results.json]
-                             [--tune-timeout 30] [--grid-window 0.6] [--final-window 3]
-                             [--rounds 3]
+                             [--device cpu|cuda] [--tune-timeout 30] [--grid-window 0.6]
+                             [--final-window 3] [--rounds 3] [--max-grid-workers K]
+                             [--reuse-grid PATH]
 
-For each case (``benchmarks/cases/``): measure every point of the grid once (``grid.py``), run
-``autoload.tune``, then re-measure the tuner's pick, the oracle (the best grid point), PyTorch's
-defaults and the hand-tuned recipe side by side in interleaved rounds. Prints two tables (results
-and spreads) and writes every raw number to the JSON file. Progress goes to stderr. See
-``benchmarks/README.md``.
+For each case (``benchmarks/cases/``): measure every point of the grid once (``grid.py``), or take
+it from an earlier run's JSON (``--reuse-grid``), run ``autoload.tune``, then re-measure the
+tuner's pick, the oracle (the best grid point), PyTorch's defaults and the hand-tuned recipe side
+by side in interleaved rounds. Prints two tables (results and spreads) and writes every raw number
+to the JSON file. Progress goes to stderr. See ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader
 
 import autoload
 from autoload import LoaderConfig, TrainingProbe, Window
+from autoload.config import AmpDtype
 from autoload.space import usable_cpus
 
 HERE = Path(__file__).resolve().parent
@@ -45,13 +48,21 @@ if str(HERE) not in sys.path:  # `cases` and `grid` live beside this file
     sys.path.insert(0, str(HERE))
 
 import cases  # noqa: E402
-from grid import build_grid, log_spaced_divisors, nearest_divisor, worker_counts  # noqa: E402
+from grid import (  # noqa: E402
+    MAX_BATCH,
+    PREFETCH_FACTORS,
+    build_grid,
+    log_spaced_divisors,
+    nearest_divisor,
+    worker_counts,
+)
 
 ORACLE_TARGET = 0.95  # the tuner's median is at least this share of the oracle's
 TIME_SHARE, TIME_FLOOR = 0.15, 30.0  # tuning may take max(15% of the grid's time, 30 s)
 PRUNE_MARGIN = 0.8  # skip a grid point whose step alone is under this share of the best so far
 ROLES = ("tuner", "oracle", "defaults", "recipe")
 DEFAULT_JSON = HERE / "results.json"
+CUDA_MAX_GRID_WORKERS = 8  # --max-grid-workers on CUDA: workers 0, 1, 2, 4, 8
 
 
 @dataclass(frozen=True)
@@ -65,14 +76,35 @@ class Settings:
     exhaustive: bool
     batch_sizes: int  # how many batch sizes the grid takes
     cpus: int
+    device: str = "cpu"
+    max_grid_workers: int | None = None  # None: no cap
+    prefetch_factors: tuple[int, ...] = PREFETCH_FACTORS
+    amps: tuple[AmpDtype | None, ...] = (None, "bfloat16")  # for cases with a model
+    pin_memory: tuple[bool, ...] = (False,)
+    reuse_grid: Path | None = None
 
     @property
     def workers(self) -> list[int]:
-        return worker_counts(self.cpus, quick=self.quick)
+        return worker_counts(self.cpus, quick=self.quick, cap=self.max_grid_workers)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") \
+            from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings]:
@@ -81,8 +113,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         description="Benchmark autoload.tune against a fixed grid (the oracle), PyTorch's "
                     "defaults and the hand-tuned recipe.",
     )
-    parser.add_argument("--cases", help="comma-separated cases, by letter or name "
-                        f"(default: all of {', '.join(cases.NAMES)})")
+    parser.add_argument("--cases", help="comma-separated cases, by letter or name, of "
+                        f"{', '.join(cases.NAMES)} (default: {_letters(cases.DEFAULT_CPU)} on "
+                        f"CPU, {_letters(cases.DEFAULT_CUDA)} on CUDA; with --reuse-grid, those "
+                        "of the reused file)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the model trains and batches go (default: %(default)s); "
+                             "cuda adds pin_memory and float16 to the grid and sizes the "
+                             "defaults below for a ~5-minute run")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: small data sets, 3 batch sizes, workers {0,1}, "
                              "grid window 0.1 s, tune timeout 4 s, final window 0.2 s, 1 round "
@@ -90,45 +128,131 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help="where to write the raw numbers (default: %(default)s)")
     parser.add_argument("--tune-timeout", type=float, help="autoload.tune's budget, s (30)")
-    parser.add_argument("--grid-window", type=float, help="steady window per grid point, s (0.6)")
-    parser.add_argument("--final-window", type=float, help="window per re-measure, s (3)")
+    parser.add_argument("--grid-window", type=float,
+                        help="steady window per grid point, s (0.6; 0.15 on CUDA)")
+    parser.add_argument("--final-window", type=float,
+                        help="window per re-measure, s (3; 0.5 on CUDA)")
     parser.add_argument("--rounds", type=int, help="interleaved re-measure rounds (3)")
+    parser.add_argument("--grid-batch-sizes", type=int,
+                        help="how many batch sizes the grid takes (8; 3 on CUDA and with --quick)")
+    parser.add_argument("--max-grid-workers", type=int, metavar="K",
+                        help="keep only worker counts 0, 1 and the powers of two up to K (and "
+                             "the largest count <= K) in the grid (default: no cap on CPU, "
+                             f"{CUDA_MAX_GRID_WORKERS} on CUDA)")
+    parser.add_argument("--grid-prefetch", type=_positive_ints, metavar="LIST",
+                        help="the grid's prefetch factors (2,4; 2 on CUDA)")
     parser.add_argument("--point-deadline", type=float, default=30.0,
                         help="a grid point or re-measure that runs longer (start-up included) "
                              "fails and counts as 0 samples/s (default: %(default)s s)")
     parser.add_argument("--exhaustive", action="store_true",
                         help="measure every grid point, even one whose training step alone is "
                              f"slower than {PRUNE_MARGIN:g} x the best rate so far")
+    parser.add_argument("--reuse-grid", type=Path, metavar="PATH",
+                        help="take each case's grid (every point's rate, the oracle, the grid's "
+                             "wall time) from an earlier run's JSON instead of measuring it; "
+                             "the tuner and the re-measure still run")
     args = parser.parse_args(argv)
     quick = args.quick
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.exit(2, f"{parser.prog}: error: --device cuda, but torch.cuda.is_available() is "
+                       f"False (no usable GPU, or a CPU-only torch {torch.__version__})\n")
 
-    def pick(value: float | None, full: float, small: float) -> float:
-        return value if value is not None else (small if quick else full)
+    def pick(value: float | None, full: float, small: float, gpu: float | None = None) -> float:
+        if value is not None:
+            return value
+        if quick:
+            return small
+        return gpu if cuda and gpu is not None else full
 
+    amps: tuple[AmpDtype | None, ...] = (None, "bfloat16")
+    if cuda:
+        amps = (None, "float16", "bfloat16") if torch.cuda.is_bf16_supported() \
+            else (None, "float16")
     settings = Settings(
         quick=quick,
         tune_timeout=pick(args.tune_timeout, 30.0, 4.0),
-        grid_window=pick(args.grid_window, 0.6, 0.1),
-        final_window=pick(args.final_window, 3.0, 0.2),
+        grid_window=pick(args.grid_window, 0.6, 0.1, gpu=0.15),
+        final_window=pick(args.final_window, 3.0, 0.2, gpu=0.5),
         rounds=int(pick(args.rounds, 3, 1)),
         point_deadline=args.point_deadline,
         exhaustive=args.exhaustive,
-        batch_sizes=3 if quick else 8,
+        batch_sizes=int(pick(args.grid_batch_sizes, 8, 3, gpu=3)),
         cpus=usable_cpus(),
+        device=args.device,
+        max_grid_workers=args.max_grid_workers if args.max_grid_workers is not None
+        else (CUDA_MAX_GRID_WORKERS if cuda else None),
+        prefetch_factors=args.grid_prefetch or ((2,) if cuda else PREFETCH_FACTORS),
+        amps=amps,
+        pin_memory=(False, True) if cuda else (False,),
+        reuse_grid=args.reuse_grid,
     )
     for name in ("tune_timeout", "grid_window", "final_window", "point_deadline"):
         if not getattr(settings, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if settings.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if settings.batch_sizes < 1:
+        parser.error("--grid-batch-sizes must be at least 1")
+    if settings.max_grid_workers is not None and settings.max_grid_workers < 1:
+        parser.error("--max-grid-workers must be at least 1")
+    args.reused = None
     try:
-        args.selected = cases.select(args.cases)
+        if args.reuse_grid is not None:
+            args.reused = load_reused(args.reuse_grid)
+        if args.cases:
+            args.selected = cases.select(args.cases)
+        elif args.reused is not None:
+            args.selected = [n for n in cases.NAMES if n in args.reused["cases"]]
+        else:
+            args.selected = list(cases.DEFAULT_CUDA if cuda else cases.DEFAULT_CPU)
+        if args.reused is not None:
+            check_reused(args.reused, args.reuse_grid, args.selected, settings)
     except ValueError as exc:
         parser.error(str(exc))
     return args, settings
 
 
-def machine_info() -> dict[str, Any]:
+def _letters(names: Sequence[str]) -> str:
+    return ",".join(n.split("_", 1)[0] for n in names)
+
+
+def load_reused(path: Path) -> dict[str, Any]:
+    """An earlier run's JSON, read for ``--reuse-grid``."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--reuse-grid: cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), dict):
+        raise ValueError(f"--reuse-grid: {path} is not a results file of benchmarks/run.py "
+                         "(it has no 'cases')")
+    return data
+
+
+def check_reused(data: dict[str, Any], path: Path, selected: Sequence[str],
+                 settings: Settings) -> None:
+    """Every selected case has a grid in ``data``, for this device and data set size."""
+    device = (data.get("settings") or {}).get("device", "cpu")  # older files: CPU only
+    if device != settings.device:
+        raise ValueError(f"--reuse-grid: {path} was measured with --device {device}, "
+                         f"this run uses --device {settings.device}")
+    def has_grid(name: str) -> bool:
+        grid = (data["cases"].get(name) or {}).get("grid") or {}
+        return bool(grid.get("points")) and "seconds" in grid
+
+    missing = [name for name in selected if not has_grid(name)]
+    if missing:
+        raise ValueError(f"--reuse-grid: {path} has no grid for {', '.join(missing)}; "
+                         "choose other --cases")
+    for name in selected:
+        module = cases.load(name)
+        n = module.QUICK_N if settings.quick else module.N
+        if data["cases"][name].get("n") != n:
+            raise ValueError(f"--reuse-grid: {name} has n={data['cases'][name].get('n')} in "
+                             f"{path}, this run n={n} (--quick must match)")
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
     model = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -137,7 +261,7 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {
+    info: dict[str, Any] = {
         "usable_cpus": usable_cpus(),
         "os_cpu_count": os.cpu_count(),
         "cpu_model": model,
@@ -149,7 +273,24 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "start_method": torch.multiprocessing.get_start_method(allow_none=True),
+        "device": device,
+        "device_name": None,
     }
+    try:  # workers hand batches over in /dev/shm: too small a one fails large batches
+        info["shm_total_bytes"] = shutil.disk_usage("/dev/shm").total
+    except OSError:
+        info["shm_total_bytes"] = None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update({
+            "device_name": torch.cuda.get_device_name(),
+            "gpu_memory_bytes": props.total_memory,
+            "gpu_count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "bf16_supported": torch.cuda.is_bf16_supported(),
+        })
+    return info
 
 
 def _error_line(exc: BaseException) -> str:
@@ -177,6 +318,7 @@ def _measure(probe: TrainingProbe, config: LoaderConfig, window: Window) -> dict
         "batches": m.batches,
         "data_wait_fraction": m.data_wait_fraction,
         "peak_host_bytes": m.peak_host_bytes,
+        "peak_gpu_bytes": m.peak_gpu_bytes,
     }
 
 
@@ -185,20 +327,27 @@ def _window(seconds: float, settings: Settings) -> Window:
 
 
 def step_bound(model: torch.nn.Module, loss: Any, dataset: Any, batch_size: int,
-               amp: str | None, min_seconds: float) -> float:
-    """Samples/s of the training step alone on one in-memory batch: no loader setting can beat
-    it. Runs on a copy of the model (and a fresh SGD), so the case's model is untouched."""
+               amp: str | None, min_seconds: float, device: torch.device | None = None) -> float:
+    """Samples/s of the training step alone on one batch already on ``device`` (default CPU): no
+    loader setting can beat it. Runs on a copy of the model (and a fresh SGD), so the case's model
+    is untouched. On CUDA, float16 runs without a GradScaler (a little faster: still a bound)."""
+    device = torch.device("cpu") if device is None else device
+    cuda = device.type == "cuda"
     net = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
     x, y = next(iter(DataLoader(dataset, batch_size=batch_size)))
+    if cuda:
+        x, y = x.to(device), y.to(device)
     dtype = None if amp is None else getattr(torch, amp)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             value = loss(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         value.mean().backward()
         optimizer.step()
+        if cuda:  # time the kernels, not their launch
+            torch.cuda.synchronize(device)
 
     step()  # warm-up: allocator, kernels for this shape, autocast's weight cache
     fastest, spent, steps = math.inf, 0.0, 0
@@ -250,7 +399,7 @@ def run_tuner(name: str, dataset: Any, model: Any, loss: Any, optimizer: Any,
     began = time.perf_counter()
     try:
         result = autoload.tune(dataset, model=model, loss_fn=loss, optimizer=optimizer,
-                               device="cpu", timeout=settings.tune_timeout, seed=0,
+                               device=settings.device, timeout=settings.tune_timeout, seed=0,
                                progress=progress)
     except Exception as exc:
         return {"config": None, "error": _error_line(exc), "trials": 0,
@@ -349,36 +498,29 @@ def evaluate(roles: dict[str, LoaderConfig], rows: list[dict[str, Any]], tune_wa
     }
 
 
-def run_case(name: str, module: ModuleType, settings: Settings) -> dict[str, Any]:
+def run_case(name: str, module: ModuleType, settings: Settings,
+             reused: dict[str, Any] | None = None, reused_meta: dict[str, Any] | None = None,
+             ) -> dict[str, Any]:
+    """One case: the grid (or ``reused``, the case's entry of an earlier run's JSON), the tuner
+    and the side-by-side re-measure."""
     n = module.QUICK_N if settings.quick else module.N
+    device = torch.device(settings.device)
     torch.manual_seed(0)
     np.random.seed(0)
     dataset = module.make_dataset(n)
     model = module.make_model()
+    if model is not None and settings.cuda:
+        model = model.to(device)  # before the optimizer, which holds the parameters
     loss = module.LOSS if model is not None else None
     optimizer = None if model is None else torch.optim.SGD(model.parameters(), lr=0.01)
-    cpu = torch.device("cpu")
-    probe = TrainingProbe(dataset, device=cpu, model=model, loss_fn=loss, optimizer=optimizer)
+    probe = TrainingProbe(dataset, device=device, model=model, loss_fn=loss, optimizer=optimizer)
 
-    batch_sizes = log_spaced_divisors(n, settings.batch_sizes)
-    grid = build_grid(batch_sizes, settings.workers, has_model=model is not None)
-    log(f"[{name}] {module.DESCRIPTION}; n={n}, grid of {len(grid)} points")
-    bounds: dict[tuple[int, str | None], dict[str, Any]] = {}
-
-    def bound(config: LoaderConfig) -> float:
-        key = (config.batch_size, config.amp)
-        if key not in bounds:
-            began = time.perf_counter()
-            rate = step_bound(model, loss, dataset, config.batch_size, config.amp,
-                              settings.grid_window / 3)
-            bounds[key] = {"batch_size": key[0], "amp": key[1], "samples_per_second": rate,
-                           "seconds": time.perf_counter() - began}
-        return float(bounds[key]["samples_per_second"])
-
-    points, grid_wall = run_grid(name, probe, grid, settings,
-                                 bound=None if model is None else bound)
-    best = max(range(len(points)), key=lambda i: points[i]["samples_per_second"])
-    oracle = grid[best] if points[best]["samples_per_second"] > 0 else None
+    if reused is None:
+        grid_block, oracle, oracle_rate = _measure_grid(
+            name, module, n, dataset, model, loss, probe, settings)
+    else:
+        grid_block, oracle, oracle_rate = _reuse_grid(name, reused, reused_meta or {})
+    grid_wall = float(grid_block["seconds"])
 
     log(f"[{name}] tuning for {settings.tune_timeout:g} s")
     tuner = run_tuner(name, dataset, model, loss, optimizer, settings)
@@ -392,7 +534,7 @@ def run_case(name: str, module: ModuleType, settings: Settings) -> dict[str, Any
     if oracle is not None:
         roles["oracle"] = oracle
     roles["defaults"] = LoaderConfig(b64, 0)
-    roles["recipe"] = LoaderConfig(b64, settings.cpus, 2)
+    roles["recipe"] = LoaderConfig(b64, settings.cpus, 2, pin_memory=settings.cuda)
     rows = remeasure(name, probe, roles, settings)
     summary = evaluate(roles, rows, tuner["wall_seconds"], grid_wall)
     log(f"[{name}] {summary['verdict']}")
@@ -401,22 +543,10 @@ def run_case(name: str, module: ModuleType, settings: Settings) -> dict[str, Any
         "bottleneck": module.BOTTLENECK,
         "n": n,
         "has_model": model is not None,
-        "grid": {
-            "batch_sizes": batch_sizes,
-            "num_workers": settings.workers,
-            "prefetch_factors": [2, 4],
-            "amp": [None, "bfloat16"] if model is not None else [None],
-            "size": len(grid),
-            "measured": sum(not p["skipped"] for p in points),
-            "skipped": sum(p["skipped"] for p in points),
-            "prune_margin": None if settings.exhaustive else PRUNE_MARGIN,
-            "seconds": grid_wall,
-            "step_bounds": list(bounds.values()),
-            "points": points,
-        },
+        "grid": grid_block,
         "oracle": None if oracle is None else {
             "config": oracle.to_dict(),
-            "grid_samples_per_second": points[best]["samples_per_second"],
+            "grid_samples_per_second": oracle_rate,
             "tried_by_tuner": _tried(oracle, tuner),
         },
         "tuner": tuner,
@@ -424,6 +554,67 @@ def run_case(name: str, module: ModuleType, settings: Settings) -> dict[str, Any
         "remeasure": rows,
         "summary": summary,
     }
+
+
+def _measure_grid(name: str, module: ModuleType, n: int, dataset: Any, model: Any, loss: Any,
+                  probe: TrainingProbe, settings: Settings,
+                  ) -> tuple[dict[str, Any], LoaderConfig | None, float]:
+    """Measure the case's grid: the JSON's grid block, the oracle and its rate."""
+    device = torch.device(settings.device)
+    batch_sizes = log_spaced_divisors(n, settings.batch_sizes,
+                                      high=getattr(module, "MAX_BATCH", MAX_BATCH))
+    amps = settings.amps if model is not None else (None,)
+    grid = build_grid(batch_sizes, settings.workers, has_model=model is not None,
+                      prefetch_factors=settings.prefetch_factors, amps=amps,
+                      pin_memory=settings.pin_memory)
+    log(f"[{name}] {module.DESCRIPTION}; n={n}, grid of {len(grid)} points")
+    bounds: dict[tuple[int, str | None], dict[str, Any]] = {}
+
+    def bound(config: LoaderConfig) -> float:
+        key = (config.batch_size, config.amp)
+        if key not in bounds:
+            began = time.perf_counter()
+            rate = step_bound(model, loss, dataset, config.batch_size, config.amp,
+                              settings.grid_window / 3, device=device)
+            bounds[key] = {"batch_size": key[0], "amp": key[1], "samples_per_second": rate,
+                           "seconds": time.perf_counter() - began}
+        return float(bounds[key]["samples_per_second"])
+
+    points, grid_wall = run_grid(name, probe, grid, settings,
+                                 bound=None if model is None else bound)
+    best = max(range(len(points)), key=lambda i: points[i]["samples_per_second"])
+    oracle = grid[best] if points[best]["samples_per_second"] > 0 else None
+    block = {
+        "batch_sizes": batch_sizes,
+        "num_workers": settings.workers,
+        "prefetch_factors": list(settings.prefetch_factors),
+        "amp": list(amps),
+        "pin_memory": list(settings.pin_memory),
+        "size": len(grid),
+        "measured": sum(not p["skipped"] for p in points),
+        "skipped": sum(p["skipped"] for p in points),
+        "prune_margin": None if settings.exhaustive else PRUNE_MARGIN,
+        "seconds": grid_wall,
+        "step_bounds": list(bounds.values()),
+        "points": points,
+    }
+    return block, oracle, float(points[best]["samples_per_second"])
+
+
+def _reuse_grid(name: str, case: dict[str, Any], meta: dict[str, Any],
+                ) -> tuple[dict[str, Any], LoaderConfig | None, float]:
+    """The grid block, oracle and oracle rate of an earlier run's case, marked as reused."""
+    block = copy.deepcopy(case["grid"])
+    # where the points were measured: a grid reused twice keeps its first origin's time
+    block.setdefault("measured_started", meta.get("started"))
+    block["reused_from"] = meta.get("path")
+    old = case.get("oracle")
+    oracle = None if not old else LoaderConfig.from_dict(old["config"])
+    rate = 0.0 if not old else float(old["grid_samples_per_second"])
+    label = "none" if oracle is None else f"{oracle.label()} ({rate:,.0f}/s)"
+    log(f"[{name}] grid reused from {block['reused_from']}: {len(block['points'])} points, "
+        f"{float(block['seconds']):.0f} s, oracle {label}")
+    return block, oracle, rate
 
 
 def _tried(config: LoaderConfig, tuner: dict[str, Any]) -> bool:
@@ -478,7 +669,11 @@ def results_table(results: dict[str, dict[str, Any]]) -> Table:
         )
     starred = any(c["oracle"] is not None and not c["oracle"]["tried_by_tuner"]
                   for c in results.values())
+    reused = sorted({str(c["grid"]["reused_from"]) for c in results.values()
+                     if c["grid"].get("reused_from")})
     table.caption = (("* the tuner never measured the oracle. " if starred else "")
+                     + (f"Grid (oracle, grid s) reused from {', '.join(reused)}, not measured "
+                        "in this run; the roles were re-measured here. " if reused else "")
                      + f"Targets: tuner/oracle >= {ORACLE_TARGET}; not below defaults or recipe "
                      "beyond the noise (the larger relative half-range of the two); tune time <= "
                      f"max({TIME_SHARE:g} x grid time, {TIME_FLOOR:g} s).")
@@ -510,11 +705,12 @@ def main(argv: Sequence[str] | None = None,
          console_factory: Callable[[], Console] | None = None) -> int:
     args, settings = parse_args(argv)
     started = time.time()
+    machine = machine_info(settings.device)
     data: dict[str, Any] = {
         "format_version": 1,
         "command": [sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "machine": machine_info(),
+        "machine": machine,
         "settings": {
             "quick": settings.quick, "tune_timeout": settings.tune_timeout,
             "grid_window": settings.grid_window, "final_window": settings.final_window,
@@ -523,16 +719,30 @@ def main(argv: Sequence[str] | None = None,
             "batch_sizes": settings.batch_sizes, "num_workers": settings.workers,
             "cases": args.selected, "oracle_target": ORACLE_TARGET,
             "time_share": TIME_SHARE, "time_floor_seconds": TIME_FLOOR,
+            "device": settings.device, "max_grid_workers": settings.max_grid_workers,
+            "prefetch_factors": list(settings.prefetch_factors),
+            "amp": list(settings.amps), "pin_memory": list(settings.pin_memory),
+            "reuse_grid": None if settings.reuse_grid is None else str(settings.reuse_grid),
         },
         "cases": {},
         "elapsed_seconds": 0.0,
     }
+    reused_meta: dict[str, Any] = {}
+    if args.reused is not None:
+        reused_meta = {"path": str(settings.reuse_grid), "started": args.reused.get("started")}
+        before = args.reused.get("machine") or {}
+        for key in ("usable_cpus", "cpu_model", "device_name"):
+            if key in before and before[key] != machine.get(key):
+                log(f"warning: --reuse-grid {settings.reuse_grid} was measured with {key} "
+                    f"{before[key]!r}, this machine has {machine.get(key)!r}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     status = 0
     for i, name in enumerate(args.selected, 1):
         log(f"== case {i}/{len(args.selected)}: {name}")
         try:
-            data["cases"][name] = run_case(name, cases.load(name), settings)
+            reused = None if args.reused is None else args.reused["cases"][name]
+            data["cases"][name] = run_case(name, cases.load(name), settings, reused=reused,
+                                           reused_meta=reused_meta)
         except KeyboardInterrupt:
             log(f"[{name}] interrupted; the cases before it are kept")
             data["interrupted"] = name
@@ -547,6 +757,9 @@ def main(argv: Sequence[str] | None = None,
             break
     console = console_factory() if console_factory else Console(
         width=None if sys.stdout.isatty() else 170)
+    if settings.cuda:
+        console.print(f"Device: {machine['device_name']} (CUDA {machine['cuda']}, "
+                      f"{machine['usable_cpus']} usable CPUs)")
     if data["cases"]:
         console.print(results_table(data["cases"]))
         console.print(spread_table(data["cases"]))

@@ -187,3 +187,23 @@ def test_cheap_fetches_keep_workers_up_to_the_cpus(clock):
     result = autoload.tune(DATA, probe=SurfaceProbe(clock, wait=0.02), clock=clock, timeout=60)
     assert max(t.config.num_workers for t in result.trials) <= usable_cpus()
     assert any("only 2%" in note for note in result.notes)
+
+
+def test_first_trials_sweep_batch_size_then_workers(clock):
+    from autoload.space import usable_cpus
+
+    probe = SurfaceProbe(clock, wait=0.5)
+    data = TensorDataset(torch.zeros(1024, 2))
+    net = torch.nn.Linear(2, 1)
+    result = autoload.tune(data, model=net, loss_fn=torch.nn.functional.mse_loss, probe=probe,
+                           clock=clock, timeout=60, amp="auto")
+    configs = [t.config for t in result.trials]
+    assert configs[0] == LoaderConfig(64, 0)
+    batch_sweep = configs[2:5]
+    assert all(c.num_workers == 0 for c in batch_sweep)
+    assert max(c.batch_size for c in batch_sweep) == 512  # the largest divisor below 1024
+    best_bs = max((t for t in result.trials[:5]), key=lambda t: t.samples_per_second)
+    cpus = usable_cpus()
+    worker_sweep = configs[5:5 + len({1, cpus, 2 * cpus, 4 * cpus})]
+    assert {c.batch_size for c in worker_sweep} == {best_bs.config.batch_size}
+    assert sorted(c.num_workers for c in worker_sweep) == sorted({1, cpus, 2 * cpus, 4 * cpus})

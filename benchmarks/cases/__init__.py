@@ -2,8 +2,9 @@
 
 Every case module exposes ``DESCRIPTION`` (one line), ``BOTTLENECK`` (a few words for the table),
 ``N`` and ``QUICK_N`` (data set sizes of the full and the ``--quick`` run), ``make_dataset(n)``,
-``make_model()`` (``None`` for a data-only case) and ``LOSS`` (a callable, or ``None``).
-Data set classes live at module top level so that worker processes can unpickle them.
+``make_model()`` (``None`` for a data-only case) and ``LOSS`` (a callable, or ``None``); optionally
+``MAX_BATCH``, the grid's largest batch size (default 1024). Data set classes live at module top
+level so that worker processes can unpickle them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES = ("a_inmemory", "b_cpu_items", "c_io_wait", "d_large_samples", "e_heavy_model")
+NAMES = ("a_inmemory", "b_cpu_items", "c_io_wait", "d_large_samples", "e_heavy_model",
+         "f_h2d_copy")
+# What `benchmarks/run.py` runs without --cases. On CPU, f (the host-to-device copy) is there
+# only when asked. On CUDA, the three cases that fit the 5-minute budget (see the README's
+# "GPU variant"): CPU work per item, a data-only copy, and the copy with a tiny model.
+DEFAULT_CPU = NAMES[:5]
+DEFAULT_CUDA = ("b_cpu_items", "d_large_samples", "f_h2d_copy")
 
 
 def load(name: str) -> ModuleType:

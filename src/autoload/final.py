@@ -9,12 +9,13 @@ from autoload.config import LoaderConfig
 from autoload.errors import AutoloadError, TuningFailedError
 from autoload.probe import Measurement, Window
 from autoload.result import FinalistRecord, TuneResult
-from autoload.study import FINAL_WINDOW, ProgressEvent, SearchState
+from autoload.study import FINAL_WINDOW, MARGIN, ProgressEvent, SearchState
 
 __all__ = ["finish"]
 
 _SIMPLER_WITHIN = 0.01  # a simpler finalist this close to the best wins: the gap is noise
 _MAX_FINAL_WINDOWS = 5  # final windows at most this many search windows long
+_FINAL_MIN_BATCHES = 4  # a final rate rests on a few batches at least, even slow ones
 
 
 def _final_round_order(configs: list[LoaderConfig], round_index: int) -> list[LoaderConfig]:
@@ -38,9 +39,9 @@ def _remeasure(state: SearchState, finalists: dict[LoaderConfig, set[str]], roun
         for config in _final_round_order(list(finalists), r):
             if config in dropped:
                 continue
-            # Each configuration's soft limit covers its own start-up and warm-up.
+            # The soft limit (after the first batch) covers the warm-up and the window.
             window = Window(seconds=seconds, deadline=state.window.deadline,
-                            max_warmup=state.window.max_warmup,
+                            max_warmup=state.window.max_warmup, min_batches=_FINAL_MIN_BATCHES,
                             time_limit=seconds + 2 * state.overhead(config) + 0.5)
             try:
                 results[config].append(state.probe.measure(config, window))
@@ -64,7 +65,9 @@ def _plan(state: SearchState, finalists: list[LoaderConfig]) -> tuple[int, float
     seconds = FINAL_WINDOW * state.window.seconds
     if state.budget is None:
         return state.final_rounds, seconds
-    left = state.start + state.budget - state.clock() - state.window.seconds  # the step bound
+    # Keep a margin: a measurement can overrun its plan by a step, and clean-up takes time.
+    left = (state.start + (1 - MARGIN) * state.budget - state.clock()
+            - state.window.seconds)  # the step-alone bound
     overhead = sum(state.overhead(c) for c in finalists)
     for rounds in range(state.final_rounds, 0, -1):
         seconds = (left / rounds - overhead) / len(finalists)

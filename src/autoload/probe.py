@@ -55,9 +55,10 @@ class Window:
         min_batches: Steady batches measured at least, even past ``seconds`` (slow steps).
         max_warmup: Warm-up ends after this many seconds past the first batch even if the
             prefetch queue may not be drained yet (large, slow batches).
-        time_limit: Soft bound on the whole probe, start-up included: past it the probe ends
+        time_limit: Soft bound on the probe after its first batch: past it the probe ends
             with what it measured so far (warm-up batches too, if it never left warm-up) and
-            sets ``cut_short``. Slow batches then cost the budget a bounded time.
+            sets ``cut_short``. Start-up is not counted: persistent workers pay it once per
+            training run, and ``deadline`` bounds it.
         abandon_below: A rate (samples/s) that, once a third of the window has shown the
             configuration stays under it, ends the window early: a hopeless configuration
             need not be measured precisely.
@@ -203,9 +204,14 @@ class _Alarm:
             self._soft = time.monotonic() + max(seconds, 0.001)
             self._arm()
 
+    def soft_off(self) -> None:
+        """Measuring is over: a soft limit passing now must not interrupt the clean-up."""
+        self._soft = None
+
     def _arm(self) -> None:
-        due = min(t for t in (self._hard, self._soft) if t is not None)
-        signal.setitimer(signal.ITIMER_REAL, max(due - time.monotonic(), 0.001))
+        pending = [t for t in (self._hard, self._soft) if t is not None]
+        if pending:
+            signal.setitimer(signal.ITIMER_REAL, max(min(pending) - time.monotonic(), 0.001))
 
     def _fire(self, signum: int, frame: object) -> None:
         now = time.monotonic()
@@ -379,21 +385,27 @@ class TrainingProbe(Probe):
                         )
                 got = clock()
                 step(batch)
+                stepped = clock()
                 dog.raise_if_exceeded()
                 self._check_gpu_cap()
                 seen += 1
                 if seen == 1:
                     startup = got - start
                     if window.time_limit is not None:
-                        alarm.soft_in(window.time_limit - (clock() - start))
-                over_time = window.time_limit is not None and clock() - start > window.time_limit
+                        alarm.soft_in(window.time_limit - (clock() - got))
+                over_time = (window.time_limit is not None
+                             and clock() - start - startup > window.time_limit)
                 if warming and over_time:
                     raise _OutOfTime
                 if warming:
                     # Warm-up drains the batches the workers queued during start-up, which would
-                    # flatter the rate; slow batches end it early rather than eat the budget.
+                    # flatter the rate of a loader slower than the step. It ends early once a
+                    # fetch had to wait on the workers (the queue is empty: drained), or after
+                    # max_warmup seconds of no waiting: then the step is the slower side and the
+                    # queue's content does not change the rate.
                     warmed = clock() - start - startup
-                    if seen >= warmup or (seen >= 2 and warmed >= window.max_warmup):
+                    drained = seen >= 2 and got - fetch > max(1e-3, 0.25 * (stepped - got))
+                    if seen >= warmup or drained or (seen >= 2 and warmed >= window.max_warmup):
                         self._sync()
                         warmup_end = steady_start = clock()
                         warming = False
@@ -414,6 +426,7 @@ class TrainingProbe(Probe):
             self._sync()
             seconds = clock() - steady_start
         except _OutOfTime:
+            alarm.soft_off()
             cut_short = True
             if batches == 0:  # still warming up: measure what came after the first batch
                 samples, batches = (seen - 1) * config.batch_size, seen - 1
@@ -428,6 +441,7 @@ class TrainingProbe(Probe):
             traceback.clear_frames(exc.__traceback__)
             raise
         finally:
+            alarm.soft_off()
             # Drop the only references so the workers shut down now, even while an exception's
             # traceback keeps this frame alive.
             del it, loader

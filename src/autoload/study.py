@@ -21,6 +21,7 @@ __all__ = ["ProgressCallback", "ProgressEvent", "SearchState"]
 
 FINAL_WINDOW = 1.5  # final windows are this much longer than the search's
 FINAL_SHARE_MAX = 0.4  # of the budget, at most, kept for the re-measure
+MARGIN = 0.05  # of the budget, left unplanned: a measurement can overrun by a step
 _OVERHEAD_GUESS = 0.3  # seconds a probe spends outside its window, until one is measured
 _SAME_FAILURES_TO_STOP = 3
 _NEGLIGIBLE_FETCH_SHARE = 0.1  # of the time spent fetching at num_workers=0
@@ -91,6 +92,7 @@ class SearchState:
         self.pilots: set[LoaderConfig] = set()  # measured before the study, not yet a trial
         self.n_finalists, self.final_rounds = n_finalists, final_rounds
         self.baselines: tuple[LoaderConfig, ...] = ()
+        self.stage = 0  # the next of _STAGES to enqueue
 
     def best(self) -> TrialRecord | None:
         ok = [r for r in self.measured.values() if r.state == "ok"]
@@ -161,10 +163,12 @@ class SearchState:
         return record.samples_per_second
 
     def _trial_time_limit(self) -> float:
-        """A trial may take a few windows, but never the re-measure's reserve."""
-        limit = TRIAL_WINDOWS * self.window.seconds + self.overhead()
+        """A trial may take a few windows past its first batch, but never the re-measure's
+        reserve."""
+        limit = TRIAL_WINDOWS * self.window.seconds
         if self.budget is not None:
-            left = self.start + self.budget - self.final_reserve() - self.clock()
+            left = (self.start + (1 - MARGIN) * self.budget - self.final_reserve()
+                    - self.clock())
             limit = min(limit, max(self.window.seconds, left))
         return limit
 
@@ -198,7 +202,8 @@ class SearchState:
     def should_stop(self) -> bool:
         next_trial = self.window.seconds + self.overhead()
         if self.budget is not None and (
-            self.clock() + next_trial + self.final_reserve() >= self.start + self.budget
+            self.clock() + next_trial + self.final_reserve()
+            >= self.start + (1 - MARGIN) * self.budget
         ):
             return True
         if self.repeats >= _REPEATS_TO_STOP or len(self.measured) >= self.space.size:
@@ -210,6 +215,19 @@ class SearchState:
     def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.should_stop():
             study.stop()
+            return
+        waiting = bool(study.get_trials(deepcopy=False,
+                                        states=(optuna.trial.TrialState.WAITING,)))
+        while not waiting and self.stage < len(_STAGES):
+            seeds = [c for c in _STAGES[self.stage](self) if c not in self.measured]
+            self.stage += 1
+            for config in dict.fromkeys(seeds):
+                study.enqueue_trial(self.space.params(config))
+            waiting = bool(seeds)
+
+    def _ok(self) -> list[TrialRecord]:
+        return sorted((r for r in self.measured.values() if r.state == "ok"),
+                      key=lambda r: r.samples_per_second, reverse=True)
 
 
 def _record(number: int, config: LoaderConfig, m: Measurement) -> TrialRecord:
@@ -277,3 +295,42 @@ def load_previous(study: optuna.Study, state: SearchState) -> None:
                 peak_host_bytes=t.user_attrs.get("peak_host_bytes"),
                 reason=t.user_attrs.get("reason"),
             )
+
+
+# The first trials sweep one lever at a time, biggest first, so TPE starts from an informative
+# sample instead of random points: batch size at num_workers=0 (cheap: no worker start-up), then
+# worker counts at the best batch size, then AMP and pin_memory on the best so far. Each stage
+# is planned from the measurements of the ones before it.
+def _batch_sweep(state: SearchState) -> list[LoaderConfig]:
+    space, ref = state.space, state.baselines[0]
+    sizes = space.batch_sizes
+    lo = sizes.index(ref.batch_size)
+    picks = {sizes[-1], sizes[(lo + len(sizes) - 1 + 1) // 2], sizes[max(0, lo - 2)]}
+    return [dataclasses.replace(ref, batch_size=b) for b in sorted(picks)]
+
+
+def _worker_sweep(state: SearchState) -> list[LoaderConfig]:
+    space, ref = state.space, state.baselines[0]
+    ok = [r for r in state._ok() if r.config.num_workers == ref.num_workers]
+    base = ok[0].config if ok else ref
+    prefetch = min(space.prefetch_factors, key=lambda p: (abs(p - 2), p))
+    counts = {1, space.cpus, 2 * space.cpus, WORKERS_PER_CPU * space.cpus}
+    return [dataclasses.replace(base, num_workers=w, prefetch_factor=prefetch)
+            for w in sorted(counts & set(space.worker_counts)) if w > 0]
+
+
+def _option_sweep(state: SearchState) -> list[LoaderConfig]:
+    ok = state._ok()
+    if not ok:
+        return []
+    best = ok[0].config
+    seeds = [dataclasses.replace(best, amp=a) for a in state.space.amp if a != best.amp]
+    seeds += [dataclasses.replace(best, pin_memory=p) for p in state.space.pin_memory
+              if p != best.pin_memory]
+    return seeds
+
+
+_STAGES: tuple[Callable[[SearchState], list[LoaderConfig]], ...] = (
+    _batch_sweep, _worker_sweep, _option_sweep,
+)
+
