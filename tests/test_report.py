@@ -181,3 +181,22 @@ def test_report_prints_the_snippet():
     text = render(make_result())
     for line in snippet(make_result()).splitlines():
         assert line.strip() in text
+
+
+def test_report_shows_the_step_alone_bound_and_what_binds_the_winner():
+    text = render(make_result(step_rate=4000.0))
+    assert "the training step alone" in text and "reaches" in text
+    assert "bound by" in text
+
+
+def test_report_shows_the_fetch_rate_when_there_is_no_model():
+    text = render(make_result(step_rate=None, fetch_rate=1000.0))
+    assert "one process fetches 1,000 samples/s" in text
+
+
+def test_report_says_when_the_defaults_won():
+    result = make_result()
+    defaults = next(f for f in result.finalists if f.role == "defaults")
+    won = replace(result, config=defaults.config, samples_per_second=defaults.median,
+                  loader_kwargs=defaults.config.loader_kwargs())
+    assert "the PyTorch defaults won" in render(won)

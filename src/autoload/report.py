@@ -104,11 +104,13 @@ def render_report(result: TuneResult) -> RenderableType:
         lines.append(f"{_count(repeats, 'trial')} repeated a measured configuration and "
                      f"{'was' if repeats == 1 else 'were'} not run again")
     if result.step_rate:
-        lines.append(
-            f"bound: the training step alone (batch already on {result.device}) runs "
-            f"{_rate(result.step_rate)} samples/s; the winner reaches "
-            f"{result.samples_per_second / result.step_rate:.0%} of it and is bound by "
-            f"{result.bound}")
+        share = result.samples_per_second / result.step_rate
+        line = (f"bound: the training step alone (batch already on {result.device}) runs "
+                f"{_rate(result.step_rate)} samples/s; the winner reaches {share:.0%} of it "
+                f"and is bound by {result.bound}")
+        if result.bound == "training step" and share < 0.8 and result.config.num_workers:
+            line += " (slower than alone: the workers share its CPU cores)"
+        lines.append(line)
     elif result.fetch_rate:
         lines.append(f"bound: one process fetches {_rate(result.fetch_rate)} samples/s; the "
                      f"winner reaches {result.samples_per_second / result.fetch_rate:.1f}x that")
