@@ -5,9 +5,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import psutil
 import pytest
 
 from autoload import LoaderConfig, Measurement, Probe, Window
+
+
+def worker_processes() -> list[psutil.Process]:
+    """Child processes of this test process, multiprocessing's resource tracker aside."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())]
 
 
 class FakeClock:

@@ -16,16 +16,11 @@ from torch import nn
 import autoload
 from autoload import LoaderConfig, TrainingProbe, Window
 
-from conftest import SurfaceProbe
+from conftest import SurfaceProbe, worker_processes
 from toydata import Hangs, InterruptsAfter, Raises, Stream, Unpicklable
 
 FAST = dict(timeout=5, max_workers=1, final_rounds=2)
 CPU = torch.device("cpu")
-
-
-def _children():
-    return [p for p in psutil.Process().children(recursive=True)
-            if "resource_tracker" not in " ".join(p.cmdline())]
 
 
 def test_hung_worker_is_bounded_by_the_deadline():
@@ -34,14 +29,14 @@ def test_hung_worker_is_bounded_by_the_deadline():
         TrainingProbe(Hangs(64), device=CPU).measure(LoaderConfig(16, 1, 1),
                                                      Window(0.2, deadline=1.5))
     assert time.monotonic() - start < 10
-    assert not _children()
+    assert not worker_processes()
 
 
 def test_error_in_getitem_every_trial_stops_with_the_users_error():
     with pytest.raises(autoload.TuningFailedError, match="ValueError: cannot read item") as info:
         autoload.tune(Raises(64), **FAST)
     assert isinstance(info.value.__cause__, ValueError)
-    assert not _children()
+    assert not worker_processes()
 
 
 def test_unpicklable_dataset_under_spawn_fails_worker_trials_only():
@@ -51,7 +46,7 @@ def test_unpicklable_dataset_under_spawn_fails_worker_trials_only():
     failed = [t for t in result.trials if t.state == "failed"]
     assert failed and all(t.config.num_workers == 1 for t in failed)
     assert any("pickle" in (t.reason or "").lower() for t in failed)
-    assert not _children()
+    assert not worker_processes()
 
 
 def test_cuda_oom_is_infeasible_not_fatal(clock):
@@ -83,7 +78,7 @@ def test_ctrl_c_keeps_finished_trials_restores_the_model_and_leaves_no_worker(tm
                       **FAST)
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     assert not opt.state  # the momentum buffers the trials made are gone
-    assert not _children()
+    assert not worker_processes()
     trials = optuna.load_study(study_name="s", storage=url).trials
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 2
 
@@ -149,4 +144,4 @@ def test_segfault_in_a_worker_fails_that_trial_only():
     assert result.config.num_workers == 0
     failed = [t for t in result.trials if t.state == "failed"]
     assert failed and all((t.reason or "").startswith("worker died") for t in failed)
-    assert not _children()
+    assert not worker_processes()

@@ -2,7 +2,6 @@
 
 import time
 
-import psutil
 import pytest
 import torch
 
@@ -10,15 +9,11 @@ from autoload import DatasetError, LoaderConfig, TrainingProbe, Window
 from autoload.memory import MemoryCapExceeded
 from autoload.probe import TrialTimeout, move_to_device
 
+from conftest import worker_processes
 from toydata import Hangs, Indexed, Ragged, Raises, WorkerHog
 
 CPU = torch.device("cpu")
 SHORT = Window(seconds=0.2, deadline=20)
-
-
-def _children():
-    return [p for p in psutil.Process().children(recursive=True)
-            if "resource_tracker" not in " ".join(p.cmdline())]
 
 
 @pytest.mark.parametrize("config", [LoaderConfig(16), LoaderConfig(16, 1, 2)])
@@ -27,7 +22,7 @@ def test_data_only_probe_measures_a_rate(config):
     assert m.samples_per_second > 0 and m.samples >= 3 * 16 and m.batches >= 3
     assert m.seconds >= 0.2 and 0 <= m.data_wait_fraction <= 1
     assert m.peak_host_bytes > 0 and m.peak_gpu_bytes is None
-    assert not _children()
+    assert not worker_processes()
 
 
 def test_epochs_run_back_to_back_when_the_window_is_longer():
@@ -55,14 +50,14 @@ def test_worker_crossing_the_cap_is_stopped():
     probe = TrainingProbe(WorkerHog(64, 400), device=CPU, memory_cap=base + (150 << 20))
     with pytest.raises(MemoryCapExceeded, match="crossed the cap"):
         probe.measure(LoaderConfig(16, 1, 2), Window(seconds=2, deadline=20))
-    assert not _children()
+    assert not worker_processes()
 
 
 def test_user_error_in_worker_and_main_propagates_and_workers_are_gone():
     for config in (LoaderConfig(16), LoaderConfig(16, 1, 2)):
         with pytest.raises(ValueError, match="cannot read item"):
             TrainingProbe(Raises(64), device=CPU).measure(config, SHORT)
-        assert not _children()
+        assert not worker_processes()
 
 
 def test_hang_in_the_main_process_hits_the_deadline():

@@ -2,20 +2,15 @@
 
 import copy
 
-import psutil
 import torch
 from torch import nn
 
 import autoload
 
+from conftest import worker_processes
 from toydata import DiesInWorker, Indexed, WorkerHog
 
 FAST = dict(timeout=5, max_workers=1, final_rounds=2)
-
-
-def _children():
-    return [p for p in psutil.Process().children(recursive=True)
-            if "resource_tracker" not in " ".join(p.cmdline())]
 
 
 class Net(nn.Module):
@@ -73,7 +68,7 @@ def test_model_and_optimizer_are_bit_identical_after_tune():
                            optimizer=opt, **FAST)
     _same(before, _state(net, opt))
     assert result.samples_per_second > 0 and result.amp in (None, "bfloat16")
-    assert not _children()
+    assert not worker_processes()
 
 
 def test_model_is_restored_when_trials_fail():
@@ -84,7 +79,7 @@ def test_model_is_restored_when_trials_fail():
     _same(before, _state(net, opt))
     assert result.config.num_workers == 0
     assert any(t.state == "failed" and "worker" in (t.reason or "") for t in result.trials)
-    assert not _children()
+    assert not worker_processes()
 
 
 def test_workers_past_the_memory_cap_make_trials_infeasible_and_the_study_returns():
@@ -95,7 +90,7 @@ def test_workers_past_the_memory_cap_make_trials_infeasible_and_the_study_return
     assert result.config.num_workers == 0
     bad = [t for t in result.trials if t.state == "infeasible"]
     assert bad and all(t.config.num_workers == 1 for t in bad)
-    assert not _children()
+    assert not worker_processes()
 
 
 def test_best_loader_serves_every_sample_exactly_once_per_epoch():
