@@ -27,7 +27,7 @@ import autoload  # noqa: E402
 # 1. Global settings ---------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--epochs", type=int, default=3)
-parser.add_argument("--lr", type=float, default=0.05)
+parser.add_argument("--lr", type=float, default=0.01)
 parser.add_argument("--tune-seconds", type=float, default=30)
 parser.add_argument("--result", help="a result JSON from `autoload tune --json` to reuse")
 parser.add_argument("--samples", type=int, default=4096)
