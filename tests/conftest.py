@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Iterator
 
 import numpy as np
 import psutil
 import pytest
 
 from autoload import LoaderConfig, Measurement, Probe, Window
+
+
+@pytest.fixture
+def restore_sys_path() -> Iterator[None]:
+    """The importer puts the working directory on sys.path for a module name: take it off."""
+    saved = sys.path[:]
+    yield
+    sys.path[:] = saved
 
 
 def worker_processes() -> list[psutil.Process]:

@@ -23,6 +23,8 @@ from rich.console import Console
 from autoload import TuneResult
 from autoload.cli import main
 
+pytestmark = pytest.mark.usefixtures("restore_sys_path")
+
 DATA_MODULE = """
     import torch
     from torch import nn
@@ -97,14 +99,6 @@ class UserModules:
     def cleanup(self) -> None:
         for name in self.names:
             sys.modules.pop(name, None)
-
-
-@pytest.fixture(autouse=True)
-def restore_sys_path() -> Iterator[None]:
-    """The importer puts the working directory on sys.path for a module name: take it off."""
-    saved = sys.path[:]
-    yield
-    sys.path[:] = saved
 
 
 @pytest.fixture

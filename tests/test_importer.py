@@ -13,15 +13,9 @@ import pytest
 from autoload import SpecError
 from autoload.importer import import_from_string
 
+pytestmark = pytest.mark.usefixtures("restore_sys_path")
+
 WriteModule = Callable[[str], tuple[str, Path]]
-
-
-@pytest.fixture(autouse=True)
-def restore_sys_path() -> Iterator[None]:
-    """The importer puts the working directory on sys.path for a module name: take it off."""
-    saved = sys.path[:]
-    yield
-    sys.path[:] = saved
 
 
 @pytest.fixture

@@ -160,9 +160,7 @@ def _load_model(spec: str, device: str) -> nn.Module:
     return obj.to(device)
 
 
-def _load_loss(name: str | None) -> Callable[..., torch.Tensor]:
-    if name is None:
-        raise ConfigError("--model needs --loss: one of " + ", ".join(LOSSES) + " or MODULE:ATTR.")
+def _load_loss(name: str) -> Callable[..., torch.Tensor]:
     if ":" in name:
         loss = import_from_string(name)
         if not callable(loss):

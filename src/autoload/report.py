@@ -67,7 +67,8 @@ def render_report(result: TuneResult) -> RenderableType:
     table.add_column("spread", justify="right", no_wrap=True)
     table.add_column("start", justify="right", no_wrap=True)
     table.add_column("host mem", justify="right", no_wrap=True)
-    if any(f.peak_gpu_bytes for f in result.finalists):
+    gpu = any(f.peak_gpu_bytes for f in result.finalists)
+    if gpu:
         table.add_column("GPU mem", justify="right", no_wrap=True)
     table.add_column("wait", justify="right", no_wrap=True)
     table.add_column("", justify="left", no_wrap=True)
@@ -78,7 +79,7 @@ def render_report(result: TuneResult) -> RenderableType:
             "-" if f.startup_seconds is None else f"{f.startup_seconds:.2f} s",
             "-" if f.peak_host_bytes is None else format_size(f.peak_host_bytes),
         ]
-        if any(x.peak_gpu_bytes for x in result.finalists):
+        if gpu:
             row.append(format_size(f.peak_gpu_bytes) if f.peak_gpu_bytes else "-")
         role = "" if f.role == "candidate" else f.role
         tag = (f"winner ({role})" if role else "winner") if f.config == result.config else role

@@ -180,9 +180,7 @@ class SearchState:
 
     def finalists(self) -> dict[LoaderConfig, set[str]]:
         """The best few measured configurations and the baselines that did not fault."""
-        ok = sorted((r for r in self.measured.values() if r.state == "ok"),
-                    key=lambda r: r.samples_per_second, reverse=True)
-        chosen = {r.config: {"candidate"} for r in ok[: self.n_finalists]}
+        chosen = {r.config: {"candidate"} for r in self._ok()[: self.n_finalists]}
         for role, config in zip(("defaults", "recipe"), self.baselines, strict=False):
             known = self.measured.get(config)
             if known is None or known.state == "ok":  # a baseline that faulted stays out
