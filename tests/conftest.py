@@ -45,23 +45,35 @@ def surface(config: LoaderConfig) -> float:
 
 
 class SurfaceProbe(Probe):
-    """Measures ``rate(config)`` with seeded noise and advances a fake clock by the window."""
+    """Measures ``rate(config)`` with seeded noise and advances a fake clock by the window.
 
-    def __init__(self, clock: FakeClock, rate=surface, *, noise: float = 0.02, seed: int = 0,
-                 fail=None, overhead: float = 0.1, wait: float = 0.2) -> None:
-        self.clock, self.rate, self.noise, self.fail = clock, rate, noise, fail
+    ``noise`` is the coefficient of variation of one second of measuring: a window of T seconds
+    is made of 8 blocks whose rates vary around the true rate, so its rate varies by
+    noise / sqrt(T) and its ``rate_cv`` estimates that from the blocks, as the real probe does.
+    ``drift`` adds run-to-run noise that no single window shows (the machine's load changing).
+    """
+
+    def __init__(self, clock: FakeClock, rate=surface, *, noise: float = 0.02,
+                 drift: float = 0.0, seed: int = 0, fail=None, overhead: float = 0.1,
+                 wait: float = 0.2) -> None:
+        self.clock, self.rate, self.noise, self.drift, self.fail = clock, rate, noise, drift, fail
         self.rng = np.random.default_rng(seed)
         self.overhead, self.wait = overhead, wait
         self.calls: list[LoaderConfig] = []
+        self.windows: list[float] = []
 
     def measure(self, config: LoaderConfig, window: Window) -> Measurement:
         self.calls.append(config)
+        self.windows.append(window.seconds)
         self.clock.now += window.seconds + self.overhead
         if self.fail is not None:
             self.fail(config)
-        rate = self.rate(config) * (1 + self.rng.normal(0, self.noise))
+        true = self.rate(config) * (1 + self.rng.normal(0, self.drift))
+        blocks = true * (1 + self.rng.normal(0, self.noise * math.sqrt(8 / window.seconds), 8))
+        rate = float(blocks.mean())
+        rate_cv = float(blocks.std(ddof=1) / rate / math.sqrt(8))
         return Measurement(rate, 0.05, 0.1, window.seconds, int(rate * window.seconds), 10,
-                           self.wait, 100 << 20)
+                           self.wait, 100 << 20, rate_cv=rate_cv)
 
 
 @pytest.fixture

@@ -115,3 +115,16 @@ class SegfaultsInWorker(Indexed):
 
             ctypes.string_at(0)  # a native crash, as a broken decoder would cause
         return super().__getitem__(i)
+
+
+class Uneven(Indexed):
+    """Items wait ``seconds``, except every 16th block of 16 items waits 8x as long: a rate
+    that varies over a window."""
+
+    def __init__(self, n: int, seconds: float) -> None:
+        super().__init__(n)
+        self.seconds = seconds
+
+    def __getitem__(self, i: int):
+        time.sleep(self.seconds * (8 if (i // 16) % 4 == 0 else 1))
+        return super().__getitem__(i)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -13,7 +14,9 @@ from autoload.study import FINAL_WINDOW, MARGIN, ProgressEvent, SearchState
 
 __all__ = ["finish"]
 
-_SIMPLER_WITHIN = 0.01  # a simpler finalist this close to the best wins: the gap is noise
+# A simpler finalist this close to the best wins (the gap is noise): one standard deviation of
+# the difference of two medians, but at least _TIE_MIN and at most _TIE_MAX.
+_TIE_MIN, _TIE_MAX = 0.01, 0.03
 _MAX_FINAL_WINDOWS = 5  # final windows at most this many search windows long
 _FINAL_MIN_BATCHES = 4  # a final rate rests on a few batches at least, even slow ones
 
@@ -56,6 +59,20 @@ def _remeasure(state: SearchState, finalists: dict[LoaderConfig, set[str]], roun
                 state.progress(ProgressEvent("final", done, total, state.clock() - state.start,
                                              state.budget, best[0], best[1]))
     return {c: v for c, v in results.items() if v and c not in dropped}
+
+def _tie_margin(state: SearchState, measured: dict[LoaderConfig, list[Measurement]],
+                seconds: float) -> float:
+    """How close two finalists' medians must be to count as a tie, from the spread of the
+    finalists' repeated rates (or, after a single round, from the search's noise estimate)."""
+    spreads = [statistics.stdev(rates) / statistics.fmean(rates)
+               for rates in ([m.samples_per_second for m in ms] for ms in measured.values())
+               if len(rates) >= 2 and statistics.fmean(rates) > 0]
+    rounds = max(len(ms) for ms in measured.values())
+    cv = statistics.median(spreads) if spreads else state.window_cv(seconds)
+    # The median of R rates varies about 1.25 / sqrt(R) as much as one; a difference sqrt(2).
+    sigma = math.sqrt(2) * 1.25 * cv / math.sqrt(rounds)
+    return min(max(sigma, _TIE_MIN), _TIE_MAX)
+
 
 def _plan(state: SearchState, finalists: list[LoaderConfig]) -> tuple[int, float]:
     """Rounds and window length that fit what is left of the budget.
@@ -100,8 +117,15 @@ def finish(state: SearchState, *, device: str, samples_per_epoch: int | None,
         for config, ms in measured.items()
     }
     top = max(f.median for f in records.values())
-    winner = min((f for f in records.values() if f.median >= top * (1 - _SIMPLER_WITHIN)),
+    tie = _tie_margin(state, measured, seconds)
+    winner = min((f for f in records.values() if f.median >= top * (1 - tie)),
                  key=lambda f: _simplicity(f.config)).config
+    notes.append(
+        f"noise: one second of measuring a configuration varied by about {state.noise():.1%} "
+        f"from run to run, so search windows lasted {state.window.seconds:.2f} s and the "
+        f"finalists ran {rounds} x {seconds:.2f} s; those within {tie:.1%} of the best counted "
+        "as tied, and the simplest of them won."
+    )
     try:  # an upper bound: the training step alone, on a batch already on the device
         step_rate = state.probe.step_rate(winner, Window(seconds=state.window.seconds))
     except Exception:  # the bound is a nicety; a fault here must not lose the result
@@ -128,6 +152,7 @@ def finish(state: SearchState, *, device: str, samples_per_epoch: int | None,
         notes=tuple(notes),
         step_rate=step_rate,
         fetch_rate=fetch_rate,
+        noise_cv=state.noise(),
     )
 
 

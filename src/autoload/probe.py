@@ -7,7 +7,9 @@ decides what a failure means for the study.
 from __future__ import annotations
 
 import gc
+import math
 import signal
+import statistics
 import threading
 import time
 import traceback
@@ -90,6 +92,9 @@ class Measurement:
         peak_host_bytes: Peak memory of the main process plus all workers (PSS).
         peak_gpu_bytes: Peak GPU memory allocated, or ``None`` off CUDA.
         cut_short: The window ended early because the rate stayed under ``abandon_below``.
+        rate_cv: How much the rate of a window like this one varies (its coefficient of
+            variation), from the spread of the rate over consecutive blocks of its batches;
+            ``None`` for a window cut short or of fewer than 4 batches.
     """
 
     samples_per_second: float
@@ -102,6 +107,7 @@ class Measurement:
     peak_host_bytes: int = 0
     peak_gpu_bytes: int | None = None
     cut_short: bool = False
+    rate_cv: float | None = None
 
 
 class Probe(ABC):
@@ -164,6 +170,54 @@ def _default_step(model: nn.Module, batch: Any, loss_fn: LossFn) -> torch.Tensor
 
 _COLLATE_HINTS = ("stack expects each tensor to be equal size", "default_collate",
                   "each element in list of batch should be of equal size")
+
+
+_Point = tuple[float, int, int]  # (time, samples, batches) of a steady window at one moment
+
+
+def _steady_span(waits: Sequence[_Point], start: _Point, end: _Point) -> tuple[_Point, _Point]:
+    """The part of a steady window that gives the loader's rate.
+
+    ``waits`` are the moments at which a fetch began that then waited on the workers. The
+    fetches before the first wait were served from the queue the workers filled earlier, at the
+    step's pace, not the loader's: the span starts at the first wait (if two batches follow it).
+    Workers that keep the step waiting deliver in bursts, so a span ending inside a burst
+    counts part of one; the span ends at the last wait when that keeps at least half of it.
+    """
+    if waits and end[2] - waits[0][2] >= 2:
+        start = waits[0]
+    last = waits[-1] if waits else start
+    if last[2] - start[2] >= 2 and last[0] - start[0] >= 0.5 * (end[0] - start[0]):
+        end = last
+    return start, end
+
+
+_CV_BLOCKS = 8
+
+
+def window_cv(start: float, marks: Sequence[tuple[float, int]],
+              min_block: int = 1) -> float | None:
+    """The coefficient of variation of a window's rate, from its rate over consecutive blocks.
+
+    ``marks`` holds (time, samples so far) after each batch of a window that began at
+    ``start``. Up to 8 blocks of (about) equally many batches, at least ``min_block`` each (a
+    burst from the workers is one batch per worker): the window's rate is about their mean, so
+    its CV is theirs over the square root of their count. Noise slower than the window is not
+    seen here; the tuner adds what repeated windows show.
+    """
+    k = min(_CV_BLOCKS, len(marks) // max(1, min_block))
+    if k < 4:
+        return None
+    rates = []
+    last_time, last_samples = start, 0
+    for i in range(1, k + 1):
+        time_i, samples_i = marks[round(i * len(marks) / k) - 1]
+        if time_i <= last_time:
+            return None
+        rates.append((samples_i - last_samples) / (time_i - last_time))
+        last_time, last_samples = time_i, samples_i
+    mean = statistics.fmean(rates)
+    return statistics.stdev(rates) / mean / math.sqrt(k) if mean > 0 else None
 
 
 class _OutOfTime(Exception):
@@ -371,7 +425,8 @@ class TrainingProbe(Probe):
         wait = 0.0
         warming = True
         cut_short = False
-        first_wait: tuple[float, int, int] | None = None  # (time, samples, batches) then
+        waits: list[_Point] = []  # where the steady fetches that waited on the workers began
+        marks: list[tuple[float, int]] = []  # (time, samples so far) after each steady batch
         try:
             while True:
                 fetch = clock()
@@ -411,15 +466,20 @@ class TrainingProbe(Probe):
                         warmup_end = steady_start = clock()
                         warming = False
                     continue
-                if (first_wait is None and config.num_workers > 0
+                if (config.num_workers > 0
                         and got - fetch > max(1e-3, 0.25 * (stepped - got))):
-                    first_wait = (fetch, samples, batches)
+                    waits.append((fetch, samples, batches))
                 batches += 1
                 samples += _batch_len(batch) or config.batch_size
                 wait += got - fetch
+                marks.append((stepped, samples))
                 elapsed = clock() - steady_start
+                # Workers that keep the step waiting deliver batches in bursts, up to one per
+                # worker: measure two bursts at least past the first wait, not part of one.
+                bursts_seen = (not waits or wait < 0.1 * elapsed
+                               or batches - waits[0][2] > 2 * config.num_workers)
                 if batches >= window.max_batches or (
-                    elapsed >= window.seconds and batches >= window.min_batches
+                    elapsed >= window.seconds and batches >= window.min_batches and bursts_seen
                 ):
                     break
                 if over_time or (window.abandon_below is not None and batches >= window.min_batches
@@ -428,17 +488,15 @@ class TrainingProbe(Probe):
                     cut_short = True
                     break
             self._sync()
-            end = clock()
-            seconds = end - steady_start
-            if first_wait is not None and first_wait[2] > 0 and batches - first_wait[2] >= 2:
-                # The fetches before the first wait were served from the queue the workers
-                # filled earlier: at the step's pace, not the loader's. Measure from the wait on.
-                steady_start, samples, batches = first_wait[0], samples - first_wait[1], \
-                    batches - first_wait[2]
-                seconds = end - steady_start
+            first, last = _steady_span(waits, (steady_start, 0, 0), (clock(), samples, batches))
+            steady_start, seconds = first[0], last[0] - first[0]
+            samples, batches = last[1] - first[1], last[2] - first[2]
+            marks = [(t, s - first[1]) for t, s in marks[first[2]:last[2]]]
+            rate_cv = None if cut_short else window_cv(steady_start, marks,
+                                                       min_block=config.num_workers)
         except _OutOfTime:
             alarm.soft_off()
-            cut_short = True
+            cut_short, rate_cv = True, None
             if batches == 0:  # still warming up: measure what came after the first batch
                 samples, batches = (seen - 1) * config.batch_size, seen - 1
                 steady_start = start + startup
@@ -465,6 +523,7 @@ class TrainingProbe(Probe):
             batches=batches,
             data_wait_fraction=min(1.0, wait / seconds) if seconds > 0 else 0.0,
             cut_short=cut_short,
+            rate_cv=rate_cv,
         )
 
     def step_rate(self, config: LoaderConfig, window: Window) -> float | None:

@@ -100,6 +100,8 @@ class TuneResult:
             batch already on the device: what no loader can beat (``None`` without a model).
         fetch_rate: Samples/s of fetching and collating in one process (from PyTorch's
             defaults, ``num_workers=0``), when measured.
+        noise_cv: How much one second of measuring one configuration varied from run to run
+            (coefficient of variation), as estimated during the search.
     """
 
     config: LoaderConfig
@@ -116,6 +118,7 @@ class TuneResult:
     notes: tuple[str, ...] = field(default=())
     step_rate: float | None = None
     fetch_rate: float | None = None
+    noise_cv: float | None = None
 
     @property
     def bound(self) -> Literal["data loading", "training step"]:
@@ -159,6 +162,7 @@ class TuneResult:
             "notes": list(self.notes),
             "step_rate": self.step_rate,
             "fetch_rate": self.fetch_rate,
+            "noise_cv": self.noise_cv,
             "format_version": FORMAT_VERSION,
         }
         return json.dumps(data, indent=indent)
@@ -189,6 +193,7 @@ class TuneResult:
                 notes=tuple(data["notes"]),
                 step_rate=data.get("step_rate"),
                 fetch_rate=data.get("fetch_rate"),
+                noise_cv=data.get("noise_cv"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ResultFileError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,14 @@ WORKERS_PER_CPU = 4
 TRIAL_WINDOWS = 4  # a search trial's soft time limit, in windows
 _ABANDON_BELOW = 0.5  # of the best rate so far: a trial clearly under it stops early
 _REPEATS_TO_STOP = 25
+# Noise. A search window should be long enough that its rate varies by about SEARCH_CV from run to
+# run, within a factor 2 of the budget's default either way; until something is measured, one
+# second of measuring is taken to vary by _NOISE_GUESS.
+SEARCH_CV = 0.03
+_NOISE_GUESS = 0.03
+PILOT_RUNS = 3  # windows of PyTorch's defaults measured before the study
+_FINALIST_SIGMAS = 3  # a candidate this many noise widths below the best is not a finalist
+_FINALIST_GAP_MIN = 0.05  # ... nor one within this share of the best left out
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,12 @@ class SearchState:
         self.n_finalists, self.final_rounds = n_finalists, final_rounds
         self.baselines: tuple[LoaderConfig, ...] = ()
         self.stage = 0  # the next of _STAGES to enqueue
+        self.base_seconds = window.seconds  # the budget's window, before any noise is known
+        # Run-to-run coefficients of variation of the rate, scaled to one second of measuring:
+        # from each window's own blocks (which miss noise slower than a window), and from the
+        # spread of the pilot's repeated windows.
+        self.block_noise: list[float] = []
+        self.pilot_noise: float | None = None
 
     def best(self) -> TrialRecord | None:
         ok = [r for r in self.measured.values() if r.state == "ok"]
@@ -123,8 +138,35 @@ class SearchState:
         else:
             record = _record(number, config, m)
             self.overheads[config] = self.clock() - began - m.seconds
+            if m.rate_cv is not None:
+                self.block_noise.append(m.rate_cv * math.sqrt(m.seconds))
+                self._size_window()
         self.measured[config] = record
         return record
+
+    def noise(self) -> float:
+        """How much one second of measuring one configuration varies from run to run (its
+        coefficient of variation): the larger of what windows show inside and what the pilot's
+        repeated windows showed."""
+        estimates = [statistics.median(self.block_noise)] if self.block_noise else []
+        if self.pilot_noise is not None:
+            estimates.append(self.pilot_noise)
+        return max(estimates, default=_NOISE_GUESS)
+
+    def window_cv(self, seconds: float | None = None) -> float:
+        """The expected coefficient of variation of one window's rate."""
+        return self.noise() / math.sqrt(seconds or self.window.seconds)
+
+    def gap(self, sigmas: float) -> float:
+        """A relative difference between two windows' rates that is ``sigmas`` standard
+        deviations of the noise."""
+        return sigmas * math.sqrt(2) * self.window_cv()
+
+    def _size_window(self) -> None:
+        """Windows long enough for a rate within ``SEARCH_CV``, within 2x of the default."""
+        wanted = (self.noise() / SEARCH_CV) ** 2
+        seconds = min(max(wanted, self.base_seconds / 2), 2 * self.base_seconds)
+        self.window = dataclasses.replace(self.window, seconds=seconds)
 
     def objective(self, trial: optuna.Trial) -> float:
         config = self.space.suggest(trial)
@@ -179,8 +221,12 @@ class SearchState:
         return statistics.median(self.overheads.values()) if self.overheads else _OVERHEAD_GUESS
 
     def finalists(self) -> dict[LoaderConfig, set[str]]:
-        """The best few measured configurations and the baselines that did not fault."""
-        chosen = {r.config: {"candidate"} for r in self._ok()[: self.n_finalists]}
+        """The best few measured configurations, leaving out those clearly slower than the best
+        given the noise, and the baselines that did not fault."""
+        ok = self._ok()[: self.n_finalists]
+        gap = max(_FINALIST_GAP_MIN, self.gap(_FINALIST_SIGMAS))
+        chosen = {r.config: {"candidate"} for r in ok
+                  if r.samples_per_second >= (1 - gap) * ok[0].samples_per_second}
         for role, config in zip(("defaults", "recipe"), self.baselines, strict=False):
             known = self.measured.get(config)
             if known is None or known.state == "ok":  # a baseline that faulted stays out
@@ -251,20 +297,42 @@ def no_feasible_error(state: SearchState) -> TuningFailedError:
     )
 
 
-def widen_for_slow_fetches(state: SearchState, space: SearchSpace, defaults: LoaderConfig,
+def measure_pilot(state: SearchState, defaults: LoaderConfig) -> TrialRecord:
+    """Measure PyTorch's defaults (trial 0 anyway) a few times, back to back, before the study.
+
+    Their spread tells how much one configuration's rate varies from run to run, which sizes the
+    search's windows; their mean is the trial's record.
+    """
+    known = state.measured.get(defaults)
+    if known is not None:  # a resumed study measured it before
+        return known
+    window, records = state.window, []
+    for _ in range(PILOT_RUNS):
+        state.window = window  # one window length for all: a rate's spread depends on it
+        record = state.measure(defaults, -1)
+        state.pilots.add(defaults)
+        if record.state != "ok":
+            return record
+        records.append(record)
+    rates = [r.samples_per_second for r in records]
+    mean = statistics.fmean(rates)
+    state.pilot_noise = statistics.stdev(rates) / mean * math.sqrt(window.seconds)
+    state._size_window()
+    record = dataclasses.replace(records[-1], samples_per_second=mean)
+    state.measured[defaults] = record
+    return record
+
+
+def widen_for_slow_fetches(state: SearchState, space: SearchSpace, record: TrialRecord,
                            n: int | None, space_args: dict[str, Any],
                            notes: list[str]) -> SearchSpace:
-    """Measure PyTorch's defaults first (they are trial 0 anyway) and, when fetching items takes
-    more than a negligible share of the time there, search up to 4x the CPUs for workers.
+    """When fetching items took more than a negligible share of the time under PyTorch's
+    defaults (``record``), search up to 4x the CPUs for workers.
 
     Items that wait (disk, network) gain most from extra workers, but CPU-heavy items can gain too
     while the model competes for the cores; cheap in-memory items keep ``num_workers=0`` in the
     space either way.
     """
-    record = state.measured.get(defaults)
-    if record is None:
-        record = state.measure(defaults, -1)
-        state.pilots.add(defaults)
     share = record.data_wait_fraction
     if share is None or share <= _NEGLIGIBLE_FETCH_SHARE:
         if share is not None:
@@ -311,6 +379,11 @@ def _worker_sweep(state: SearchState) -> list[LoaderConfig]:
     space, ref = state.space, state.baselines[0]
     ok = [r for r in state._ok() if r.config.num_workers == ref.num_workers]
     base = ok[0].config if ok else ref
+    known = state.measured.get(ref)
+    if ok and known is not None and known.state == "ok" and (
+        known.samples_per_second >= (1 - state.gap(2)) * ok[0].samples_per_second
+    ):
+        base = ref  # the best batch size is not clearly better than the defaults' (noise)
     prefetch = min(space.prefetch_factors, key=lambda p: (abs(p - 2), p))
     counts = {1, space.cpus, 2 * space.cpus, WORKERS_PER_CPU * space.cpus}
     return [dataclasses.replace(base, num_workers=w, prefetch_factor=prefetch)

@@ -24,6 +24,7 @@ from autoload.study import (
     ProgressEvent,
     SearchState,
     load_previous,
+    measure_pilot,
     no_feasible_error,
     widen_for_slow_fetches,
 )
@@ -254,8 +255,9 @@ def tune(
         )
         load_previous(study, state)
         defaults, recipe = space.baselines()
+        pilot = measure_pilot(state, defaults)
         if num_workers is None and max_workers is None:
-            space = widen_for_slow_fetches(state, space, defaults, n, space_args, notes)
+            space = widen_for_slow_fetches(state, space, pilot, n, space_args, notes)
             defaults, recipe = space.baselines()
         state.baselines = (defaults, recipe)
         for baseline in (defaults, recipe):

@@ -1,0 +1,146 @@
+"""Noise: windows sized from the measured variation, finalists and ties judged against it."""
+
+import math
+import statistics
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import autoload
+from autoload import LoaderConfig, Measurement, Probe, Window, build_space
+from autoload.result import TrialRecord
+from autoload.study import PILOT_RUNS, SEARCH_CV, SearchState, measure_pilot
+
+from conftest import SurfaceProbe
+
+DATA = TensorDataset(torch.zeros(1024, 2))
+
+
+def _tune(clock, probe, **kwargs):
+    kwargs.setdefault("timeout", 60)
+    kwargs.setdefault("max_workers", 4)
+    return autoload.tune(DATA, probe=probe, clock=clock, **kwargs)
+
+
+def _search_windows(probe, result):
+    """The windows of the search's measurements after the pilot's (nothing known before)."""
+    final = sum(len(f.rates) for f in result.finalists)
+    return probe.windows[PILOT_RUNS:len(probe.windows) - final]
+
+
+def test_noisy_rates_get_longer_search_windows_than_steady_ones(clock):
+    base = 60 / 60  # tune()'s window for a 60 s budget
+    quiet = SurfaceProbe(clock, noise=0.003)
+    quiet_result = _tune(clock, quiet)
+    clock.now = 0.0
+    noisy = SurfaceProbe(clock, noise=0.2)
+    noisy_result = _tune(clock, noisy)
+    assert quiet.windows[:PILOT_RUNS] == noisy.windows[:PILOT_RUNS] == [base] * PILOT_RUNS
+    assert set(_search_windows(quiet, quiet_result)) == {base / 2}  # the shortest allowed
+    assert set(_search_windows(noisy, noisy_result)) == {2 * base}  # the longest allowed
+    # So the quiet run measures more configurations in the same budget.
+    assert len(set(quiet.calls)) > len(set(noisy.calls))
+
+
+def test_windows_aim_at_the_target_variation_in_between(clock):
+    estimates, windows = [], []
+    for seed in range(5):
+        clock.now = 0.0
+        probe = SurfaceProbe(clock, noise=0.04, seed=seed)
+        result = _tune(clock, probe)
+        estimates.append(result.noise_cv)
+        windows += _search_windows(probe, result)
+    # The estimate is the larger of two, so it errs high rather than low, and never by 2x.
+    assert all(0.8 * 0.04 < e < 2 * 0.04 for e in estimates)
+    assert statistics.median(estimates) == pytest.approx(0.04, rel=0.25)
+    want = (0.04 / SEARCH_CV) ** 2  # 1.78 s: inside [0.5, 2] for a 60 s budget
+    assert statistics.median(windows) == pytest.approx(want, rel=0.25)
+
+
+class GivenRates(Probe):
+    """The pilot's windows measure 100, 110 and 105 samples/s."""
+
+    def __init__(self) -> None:
+        self.rates = iter([100.0, 110.0, 105.0])
+
+    def measure(self, config: LoaderConfig, window: Window) -> Measurement:
+        rate = next(self.rates)
+        return Measurement(rate, 0.0, 0.0, window.seconds, int(rate), 10, 0.5)
+
+
+def _state(probe, seconds=0.5, budget=30.0, n_finalists=3):
+    space = build_space(1024, device_type="cpu", has_model=False, cpus=2)
+    return SearchState(space, probe, window=Window(seconds=seconds), clock=lambda: 0.0,
+                       start=0.0, budget=budget, n_trials=None, progress=None,
+                       n_finalists=n_finalists, final_rounds=3)
+
+
+def test_pilot_measured_three_times_estimates_run_to_run_noise():
+    state = _state(GivenRates())
+    record = measure_pilot(state, LoaderConfig(64))
+    assert PILOT_RUNS == 3
+    assert record.samples_per_second == 105.0  # the windows' mean is the trial's record
+    # stdev(100, 110, 105) = 5: 4.8% a 0.5 s window, so 3.4% for one second of measuring.
+    assert state.pilot_noise == pytest.approx(5 / 105 * math.sqrt(0.5))
+    # No window showed its own spread: the pilot's is the estimate, and it sizes the windows.
+    assert state.noise() == state.pilot_noise
+    # It asks for (3.4% / 3%)^2 = 1.3 s windows; a 30 s budget allows up to 2 x 0.5 s.
+    assert state.window.seconds == 1.0
+
+
+def test_drift_no_window_shows_is_caught_by_the_pilot(clock):
+    # Windows look steady inside (0.2% a second), but runs differ by 10%.
+    estimates = []
+    for seed in range(5):
+        clock.now = 0.0
+        result = _tune(clock, SurfaceProbe(clock, noise=0.002, drift=0.1, seed=seed))
+        estimates.append(result.noise_cv)
+    assert sorted(estimates)[2] > 0.03  # the median run sees the drift
+
+
+def _records(state, rates):
+    for i, (config, rate) in enumerate(rates.items()):
+        state.measured[config] = TrialRecord(i, config, "ok", rate)
+
+
+def test_finalists_leave_out_candidates_clearly_slower_than_noise_allows():
+    a, b, c = LoaderConfig(64, 0), LoaderConfig(128, 0), LoaderConfig(256, 0)
+    state = _state(None)
+    _records(state, {a: 1000.0, b: 970.0, c: 700.0})
+    state.block_noise = [0.01]  # 1.4% a window of 0.5 s: c is 30% down, far beyond
+    assert set(state.finalists()) == {a, b}
+    state.block_noise = [0.2]  # 28% a window: c may well be as fast
+    assert set(state.finalists()) == {a, b, c}
+
+
+class Fixed(Probe):
+    """Every window of a configuration measures its given rate, with a given spread by round."""
+
+    def __init__(self, clock, rates, spread=0.0):
+        self.clock, self.rates, self.spread, self.n = clock, rates, spread, 0
+
+    def measure(self, config, window):
+        self.clock.now += window.seconds + 0.1
+        self.n += 1
+        rate = self.rates(config) * (1 + self.spread * (-1) ** self.n)
+        return Measurement(rate, 0.0, 0.0, window.seconds, int(rate), 10, 0.5, rate_cv=0.001)
+
+
+def _fixed_surface(winner, edge):
+    """bs=256 at 0 workers is best; ``winner`` (more complex) is ``edge`` faster than it."""
+    def rate(config):
+        if config == winner:
+            return 1000.0 * (1 + edge)
+        return 1000.0 if config == LoaderConfig(256, 0) else 500.0
+    return rate
+
+
+@pytest.mark.parametrize(("edge", "simple_wins"), [(0.005, True), (0.04, False)])
+def test_a_simpler_finalist_within_noise_wins_but_not_beyond(clock, edge, simple_wins):
+    complex_ = LoaderConfig(256, 2, 4)
+    probe = Fixed(clock, _fixed_surface(complex_, edge))
+    result = _tune(clock, probe, batch_size=[64, 256], num_workers=[0, 2], prefetch_factor=4)
+    assert {f.config for f in result.finalists} >= {complex_, LoaderConfig(256, 0)}
+    assert result.config == (LoaderConfig(256, 0) if simple_wins else complex_)
+    assert any("counted as tied" in note for note in result.notes)
