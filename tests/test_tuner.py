@@ -1,6 +1,7 @@
 """The study's logic, driven against a simulated throughput surface (exact and fast)."""
 
 import itertools
+import math
 
 import optuna
 import pytest
@@ -210,3 +211,16 @@ def test_first_trials_sweep_batch_size_then_workers(clock):
     worker_sweep = configs[5:5 + len({1, cpus, 2 * cpus, 4 * cpus})]
     assert {c.batch_size for c in worker_sweep} == {best_bs.config.batch_size}
     assert sorted(c.num_workers for c in worker_sweep) == sorted({1, cpus, 2 * cpus, 4 * cpus})
+
+
+@pytest.mark.parametrize(("peak", "swept"), [(64, [16, 256]), (16, [16, 256, 8]),
+                                             (512, [16, 256, 512])])
+def test_batch_sweep_steps_4x_in_the_direction_that_wins(clock, peak, swept):
+    def rate(config):  # one peak in batch size; workers only cost
+        return 1000 / (1 + abs(math.log2(config.batch_size / peak))) / (1 + config.num_workers)
+
+    result = _tune(clock, SurfaceProbe(clock, rate, noise=0.001), num_workers=[0, 1])
+    configs = [t.config for t in result.trials]
+    assert configs[2:2 + len(swept)] == [LoaderConfig(b, 0) for b in swept]
+    assert configs[2 + len(swept)].num_workers == 1  # then the worker sweep
+    assert result.config == LoaderConfig(peak, 0)

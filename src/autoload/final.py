@@ -42,10 +42,18 @@ def _remeasure(state: SearchState, finalists: dict[LoaderConfig, set[str]], roun
         for config in _final_round_order(list(finalists), r):
             if config in dropped:
                 continue
-            # The soft limit (after the first batch) covers the warm-up and the window.
+            # The soft limit (after the first batch) covers the warm-up and the window, and
+            # never reaches past the budget, whatever the plan thought.
+            limit = seconds + 2 * state.overhead(config) + 0.5
+            if state.budget is not None:
+                left = (_final_deadline(state) + MARGIN * state.budget - state.clock()
+                        - state.overhead(config))
+                if results[config] and left < seconds:
+                    continue  # out of time: keep the rates measured so far
+                limit = min(limit, max(seconds / 2, left))
             window = Window(seconds=seconds, deadline=state.window.deadline,
                             max_warmup=state.window.max_warmup, min_batches=_FINAL_MIN_BATCHES,
-                            time_limit=seconds + 2 * state.overhead(config) + 0.5)
+                            time_limit=limit)
             try:
                 results[config].append(state.probe.measure(config, window))
             except AutoloadError:
@@ -77,21 +85,27 @@ def _tie_margin(state: SearchState, measured: dict[LoaderConfig, list[Measuremen
 def _plan(state: SearchState, finalists: list[LoaderConfig]) -> tuple[int, float]:
     """Rounds and window length that fit what is left of the budget.
 
-    Fewer rounds before windows shorter than half a search window: a short window is noise.
+    Fewer rounds only before windows shorter than half the budget's default window: repeated,
+    interleaved windows beat longer ones against a machine whose speed drifts.
     """
     seconds = FINAL_WINDOW * state.window.seconds
     if state.budget is None:
         return state.final_rounds, seconds
-    # Keep a margin: a measurement can overrun its plan by a step, and clean-up takes time.
-    left = (state.start + (1 - MARGIN) * state.budget - state.clock()
-            - state.window.seconds)  # the step-alone bound
+    shortest = state.base_seconds / 2
+    left = _final_deadline(state) - state.clock()
     overhead = sum(state.overhead(c) for c in finalists)
     for rounds in range(state.final_rounds, 0, -1):
         seconds = (left / rounds - overhead) / len(finalists)
-        if seconds >= state.window.seconds / 2:
+        if seconds >= shortest:
             break
-    return rounds, min(max(seconds, state.window.seconds / 2),
-                       _MAX_FINAL_WINDOWS * state.window.seconds)
+    return rounds, min(max(seconds, shortest), _MAX_FINAL_WINDOWS * state.window.seconds)
+
+
+def _final_deadline(state: SearchState) -> float:
+    """When the re-measure must be over: before the margin (a measurement can overrun its plan
+    by a step, and clean-up takes time) and the step-alone bound."""
+    assert state.budget is not None
+    return state.start + (1 - MARGIN) * state.budget - state.window.seconds
 
 
 def finish(state: SearchState, *, device: str, samples_per_epoch: int | None,
@@ -123,13 +137,22 @@ def finish(state: SearchState, *, device: str, samples_per_epoch: int | None,
     notes.append(
         f"noise: one second of measuring a configuration varied by about {state.noise():.1%} "
         f"from run to run, so search windows lasted {state.window.seconds:.2f} s and the "
-        f"finalists ran {rounds} x {seconds:.2f} s; those within {tie:.1%} of the best counted "
-        "as tied, and the simplest of them won."
+        f"finalists ran up to {max(len(ms) for ms in measured.values())} x {seconds:.2f} s; "
+        f"those within {tie:.1%} of the best counted as tied, and the simplest of them won."
     )
-    try:  # an upper bound: the training step alone, on a batch already on the device
-        step_rate = state.probe.step_rate(winner, Window(seconds=state.window.seconds))
-    except Exception:  # the bound is a nicety; a fault here must not lose the result
-        step_rate = None
+    # An upper bound: the training step alone, on a batch already on the device. It takes two
+    # warm-up steps and one at least; a batch at the winner's rate bounds a step's time.
+    step_window = state.window.seconds
+    if state.budget is not None:
+        step_seconds = winner.batch_size / max(records[winner].median, 1e-9)
+        step_window = min(step_window,
+                          state.start + state.budget - state.clock() - 3 * step_seconds)
+    step_rate = None
+    if step_window > 0:
+        try:
+            step_rate = state.probe.step_rate(winner, Window(seconds=step_window, min_batches=1))
+        except Exception:  # the bound is a nicety; a fault here must not lose the result
+            step_rate = None
     pilot = state.measured.get(state.baselines[0])
     fetch_rate = None
     if pilot is not None and pilot.state == "ok" and pilot.data_wait_fraction:

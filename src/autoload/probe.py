@@ -415,7 +415,9 @@ class TrainingProbe(Probe):
              alarm: _Alarm) -> Measurement:
         clock = self.clock
         step = self._make_step(config)
-        warmup = max(3, config.num_workers * (config.prefetch_factor or 0))
+        # Batches before measuring: the first (start-up) and one more (lazy init, caches), or
+        # as many as the workers queue while starting.
+        warmup = max(2, config.num_workers * (config.prefetch_factor or 0))
         kwargs = config.dataloader_arguments(self.loader_options, timeout=window.deadline)
         start = clock()
         loader: DataLoader[Any] = DataLoader(self.dataset, **kwargs)

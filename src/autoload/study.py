@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,9 +31,10 @@ TRIAL_WINDOWS = 4  # a search trial's soft time limit, in windows
 _ABANDON_BELOW = 0.5  # of the best rate so far: a trial clearly under it stops early
 _REPEATS_TO_STOP = 25
 # Noise. A search window should be long enough that its rate varies by about SEARCH_CV from run to
-# run, within a factor 2 of the budget's default either way; until something is measured, one
-# second of measuring is taken to vary by _NOISE_GUESS.
+# run, within a factor 2 of the budget's default either way, and short enough for 20 trials;
+# until something is measured, one second of measuring is taken to vary by _NOISE_GUESS.
 SEARCH_CV = 0.03
+MIN_SEARCH_TRIALS = 20
 _NOISE_GUESS = 0.03
 PILOT_RUNS = 3  # windows of PyTorch's defaults measured before the study
 _FINALIST_SIGMAS = 3  # a candidate this many noise widths below the best is not a finalist
@@ -163,10 +164,14 @@ class SearchState:
         return sigmas * math.sqrt(2) * self.window_cv()
 
     def _size_window(self) -> None:
-        """Windows long enough for a rate within ``SEARCH_CV``, within 2x of the default."""
+        """Windows long enough for a rate within ``SEARCH_CV``: from half the budget's default
+        up to twice it, as long as the search keeps room for ``MIN_SEARCH_TRIALS`` trials."""
         wanted = (self.noise() / SEARCH_CV) ** 2
-        seconds = min(max(wanted, self.base_seconds / 2), 2 * self.base_seconds)
-        self.window = dataclasses.replace(self.window, seconds=seconds)
+        lo, hi = self.base_seconds / 2, 2 * self.base_seconds
+        if self.budget is not None:
+            search = (1 - FINAL_SHARE_MAX - MARGIN) * self.budget
+            hi = max(lo, min(hi, search / MIN_SEARCH_TRIALS - self.overhead()))
+        self.window = dataclasses.replace(self.window, seconds=min(max(wanted, lo), hi))
 
     def objective(self, trial: optuna.Trial) -> float:
         config = self.space.suggest(trial)
@@ -262,9 +267,12 @@ class SearchState:
             return
         waiting = bool(study.get_trials(deepcopy=False,
                                         states=(optuna.trial.TrialState.WAITING,)))
+        # A stage is asked again once its seeds are measured, and is done when it proposes
+        # nothing new.
         while not waiting and self.stage < len(_STAGES):
             seeds = [c for c in _STAGES[self.stage](self) if c not in self.measured]
-            self.stage += 1
+            if not seeds:
+                self.stage += 1
             for config in dict.fromkeys(seeds):
                 study.enqueue_trial(self.space.params(config))
             waiting = bool(seeds)
@@ -367,12 +375,37 @@ def load_previous(study: optuna.Study, state: SearchState) -> None:
 # sample instead of random points: batch size at num_workers=0 (cheap: no worker start-up), then
 # worker counts at the best batch size, then AMP and pin_memory on the best so far. Each stage
 # is planned from the measurements of the ones before it.
+_BATCH_STEP = 4  # the batch sweep steps by this factor
+
+
 def _batch_sweep(state: SearchState) -> list[LoaderConfig]:
+    """Batch sizes 4x either side of the defaults', then on by 4x in the direction that won
+    until the best is bracketed: a big batch costs a long step, so only go there when the trend
+    says so."""
     space, ref = state.space, state.baselines[0]
     sizes = space.batch_sizes
-    lo = sizes.index(ref.batch_size)
-    picks = {sizes[-1], sizes[(lo + len(sizes) - 1 + 1) // 2], sizes[max(0, lo - 2)]}
+    rates = {r.config.batch_size: r.samples_per_second for r in state._ok()
+             if r.config == dataclasses.replace(ref, batch_size=r.config.batch_size)}
+    if ref.batch_size not in rates:
+        return []
+    tried = sorted(rates)
+    if tried == [ref.batch_size]:
+        targets = [ref.batch_size / _BATCH_STEP, ref.batch_size * _BATCH_STEP]
+    else:
+        best = max(tried, key=rates.__getitem__)
+        if best == tried[-1]:
+            targets = [best * _BATCH_STEP]
+        elif best == tried[0]:
+            targets = [best / _BATCH_STEP]
+        else:
+            return []  # bracketed
+    # The nearest size on a log scale, the ends of the range when a target lies beyond them.
+    picks = {_nearest(sizes, t) for t in targets}
     return [dataclasses.replace(ref, batch_size=b) for b in sorted(picks)]
+
+
+def _nearest(sizes: Sequence[int], target: float) -> int:
+    return min(sizes, key=lambda b: abs(math.log(b / target)))
 
 
 def _worker_sweep(state: SearchState) -> list[LoaderConfig]:
