@@ -138,3 +138,18 @@ def test_probe_reports_how_much_its_rate_varies():
     uneven = TrainingProbe(Uneven(4096, 0.002), device=CPU).measure(config, window)
     assert steady.rate_cv is not None and uneven.rate_cv is not None
     assert steady.rate_cv < 0.05 < uneven.rate_cv
+
+
+@pytest.mark.parametrize(("context", "repeats"), [(None, 3), ("spawn", 1)])
+def test_when_the_workers_make_whole_epochs_the_probe_measures_whole_epochs(context, repeats):
+    # 8 batches an epoch, and the loader asks 4 workers for 16 at once: the workers make an
+    # epoch in bursts and idle until the next, so only whole epochs give the real rate (a
+    # window inside one could count batches made before it began).
+    options = {} if context is None else {"multiprocessing_context": context}
+    probe = TrainingProbe(Slow(256, 0.0005), device=CPU, loader_options=options)
+    window = Window(seconds=0.05, deadline=30, max_warmup=0.1)
+    for _ in range(repeats):
+        m = probe.measure(LoaderConfig(32, 4, 4), window)
+        assert m.samples % 256 == 0 and m.samples >= 256
+        assert 0 < m.samples_per_second < 1.1 * 4 / 0.0005  # 4 workers, 0.5 ms an item
+    assert not worker_processes()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+import multiprocessing
 import signal
 import statistics
 import threading
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from autoload.config import LoaderConfig
 from autoload.errors import AutoloadError, DatasetError
@@ -170,6 +171,32 @@ def _default_step(model: nn.Module, batch: Any, loss_fn: LossFn) -> torch.Tensor
 
 _COLLATE_HINTS = ("stack expects each tensor to be equal size", "default_collate",
                   "each element in list of batch should be of equal size")
+
+
+def _epoch_batches(loader: DataLoader[Any]) -> float:
+    try:
+        return len(loader)
+    except TypeError:  # an IterableDataset without a length
+        return math.inf
+
+
+class _CountingCollate:
+    """The loader's collate function, counting the batches each worker has made.
+
+    The main process sees when it consumes a batch, not when a worker made it: batches queued
+    earlier can flatter a loader slower than the step. Each worker adds to its own slot of a
+    shared array (no lock needed), so the probe can tell how fast the workers really produce.
+    """
+
+    def __init__(self, collate: Callable[[Any], Any], slots: Any) -> None:
+        self.collate, self.slots = collate, slots
+
+    def __call__(self, items: Any) -> Any:
+        batch = self.collate(items)
+        info = get_worker_info()
+        if info is not None:
+            self.slots[info.id] += 1
+        return batch
 
 
 _Point = tuple[float, int, int]  # (time, samples, batches) of a steady window at one moment
@@ -419,6 +446,14 @@ class TrainingProbe(Probe):
         # as many as the workers queue while starting.
         warmup = max(2, config.num_workers * (config.prefetch_factor or 0))
         kwargs = config.dataloader_arguments(self.loader_options, timeout=window.deadline)
+        made: Any = None  # batches made by each worker, when there are workers
+        if config.num_workers > 0:
+            context = kwargs.get("multiprocessing_context")
+            if isinstance(context, str):
+                context = multiprocessing.get_context(context)
+            made = (context or multiprocessing).RawArray("q", config.num_workers)
+            kwargs["collate_fn"] = _CountingCollate(kwargs.get("collate_fn") or default_collate,
+                                                    made)
         start = clock()
         loader: DataLoader[Any] = DataLoader(self.dataset, **kwargs)
         it: Iterator[Any] = iter(loader)
@@ -429,11 +464,19 @@ class TrainingProbe(Probe):
         cut_short = False
         waits: list[_Point] = []  # where the steady fetches that waited on the workers began
         marks: list[tuple[float, int]] = []  # (time, samples so far) after each steady batch
+        produced: list[int] = []  # batches the workers had made when each steady fetch began
+        epochs: list[_Point] = []  # where the epochs begun since the steady window began
+        whole_epochs = made is not None and _epoch_batches(loader) <= (
+            config.num_workers * (config.prefetch_factor or 2))
         try:
             while True:
+                if made is not None and not warming:
+                    produced.append(sum(made))
                 fetch = clock()
                 batch = next(it, _END)
                 if batch is _END:  # epochs run back to back; persistent workers stay up
+                    if not warming:
+                        epochs.append((fetch, samples, batches))
                     it = iter(loader)
                     batch = next(it, _END)
                     if batch is _END:
@@ -480,8 +523,12 @@ class TrainingProbe(Probe):
                 # worker: measure two bursts at least past the first wait, not part of one.
                 bursts_seen = (not waits or wait < 0.1 * elapsed
                                or batches - waits[0][2] > 2 * config.num_workers)
+                # When the workers are asked for a whole epoch at once, they make it and then
+                # idle until the next: measure whole epochs, from one's start to another's.
+                cycled = len(epochs) >= 2 or not whole_epochs
                 if batches >= window.max_batches or (
                     elapsed >= window.seconds and batches >= window.min_batches and bursts_seen
+                    and cycled
                 ):
                     break
                 if over_time or (window.abandon_below is not None and batches >= window.min_batches
@@ -490,9 +537,21 @@ class TrainingProbe(Probe):
                     cut_short = True
                     break
             self._sync()
-            first, last = _steady_span(waits, (steady_start, 0, 0), (clock(), samples, batches))
+            if made is not None:
+                produced.append(sum(made))
+            if whole_epochs and len(epochs) >= 2:
+                first, last = epochs[0], epochs[-1]
+            else:
+                first, last = _steady_span(waits, (steady_start, 0, 0),
+                                           (clock(), samples, batches))
             steady_start, seconds = first[0], last[0] - first[0]
             samples, batches = last[1] - first[1], last[2] - first[2]
+            if made is not None and batches > 0:
+                # Batches taken from the workers' queue faster than they make new ones only
+                # drain it, which cannot last: count what the workers made in the span when that
+                # is less.
+                made_in_span = produced[last[2]] - produced[first[2]]
+                samples = round(samples * min(1.0, made_in_span / batches))
             marks = [(t, s - first[1]) for t, s in marks[first[2]:last[2]]]
             rate_cv = None if cut_short else window_cv(steady_start, marks,
                                                        min_block=config.num_workers)
