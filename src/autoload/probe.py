@@ -519,16 +519,18 @@ class TrainingProbe(Probe):
                 wait += got - fetch
                 marks.append((stepped, samples))
                 elapsed = clock() - steady_start
-                # Workers that keep the step waiting deliver batches in bursts, up to one per
-                # worker: measure two bursts at least past the first wait, not part of one.
-                bursts_seen = (not waits or wait < 0.1 * elapsed
-                               or batches - waits[0][2] > 2 * config.num_workers)
                 # When the workers are asked for a whole epoch at once, they make it and then
                 # idle until the next: measure whole epochs, from one's start to another's.
-                cycled = len(epochs) >= 2 or not whole_epochs
+                # Otherwise workers that keep the step waiting deliver batches in bursts, up to
+                # one per worker: measure two bursts at least past the first wait, not part of
+                # one.
+                if whole_epochs:
+                    cycled = len(epochs) >= 2
+                else:
+                    cycled = (not waits or wait < 0.1 * elapsed
+                              or batches - waits[0][2] > 2 * config.num_workers)
                 if batches >= window.max_batches or (
-                    elapsed >= window.seconds and batches >= window.min_batches and bursts_seen
-                    and cycled
+                    elapsed >= window.seconds and batches >= window.min_batches and cycled
                 ):
                     break
                 if over_time or (window.abandon_below is not None and batches >= window.min_batches
