@@ -180,6 +180,14 @@ def _epoch_batches(loader: DataLoader[Any]) -> float:
         return math.inf
 
 
+def _made_share(produced: Sequence[int], first: int, last: int) -> float:
+    """Of the batches consumed between steady batches ``first`` and ``last``, the share the
+    workers made meanwhile (at most 1); 1 without workers."""
+    if last <= first or len(produced) <= last:
+        return 1.0
+    return min(1.0, (produced[last] - produced[first]) / (last - first))
+
+
 class _CountingCollate:
     """The loader's collate function, counting the batches each worker has made.
 
@@ -548,12 +556,9 @@ class TrainingProbe(Probe):
                                            (clock(), samples, batches))
             steady_start, seconds = first[0], last[0] - first[0]
             samples, batches = last[1] - first[1], last[2] - first[2]
-            if made is not None and batches > 0:
-                # Batches taken from the workers' queue faster than they make new ones only
-                # drain it, which cannot last: count what the workers made in the span when that
-                # is less.
-                made_in_span = produced[last[2]] - produced[first[2]]
-                samples = round(samples * min(1.0, made_in_span / batches))
+            # Batches taken from the workers' queue faster than they make new ones only drain
+            # it, which cannot last: count what the workers made in the span when that is less.
+            samples = round(samples * _made_share(produced, first[2], last[2]))
             marks = [(t, s - first[1]) for t, s in marks[first[2]:last[2]]]
             rate_cv = None if cut_short else window_cv(steady_start, marks,
                                                        min_block=config.num_workers)
@@ -564,6 +569,8 @@ class TrainingProbe(Probe):
                 samples, batches = (seen - 1) * config.batch_size, seen - 1
                 steady_start = start + startup
                 warmup_end = warmup_end or clock()
+            elif len(produced) > batches:  # cut inside the steady window: as above
+                samples = round(samples * _made_share(produced, 0, batches))
             if batches == 0:  # not even a second batch in time: the first, start-up included
                 samples, batches, steady_start = config.batch_size, 1, start
             seconds = clock() - steady_start

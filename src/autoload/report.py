@@ -75,7 +75,8 @@ def render_report(result: TuneResult) -> RenderableType:
     for f in result.finalists:
         row = [
             f.config.label(), _rate(f.median),
-            f"±{50 * (max(f.rates) - min(f.rates)) / f.median:.0f}%" if f.median else "-",
+            f"±{50 * (max(f.rates) - min(f.rates)) / f.median:.0f}%"
+            if f.median and len(f.rates) > 1 else "-",
             "-" if f.startup_seconds is None else f"{f.startup_seconds:.2f} s",
             "-" if f.peak_host_bytes is None else format_size(f.peak_host_bytes),
         ]
