@@ -104,6 +104,15 @@ def test_slow_batches_stop_at_the_time_limit():
     assert m.cut_short and time.monotonic() - start < 2.5 and m.samples_per_second > 0
 
 
+def test_a_window_cut_short_counts_neither_the_batch_in_progress_nor_its_time():
+    # 10 items of 20 ms: 0.2 s a batch, 50/s. Cut 0.75 s after the first batch, three quarters
+    # into a batch: timing up to the cut but counting only whole batches would say 36/s.
+    probe = TrainingProbe(Slow(40, 0.02), device=CPU)
+    m = probe.measure(LoaderConfig(10), Window(seconds=5, time_limit=0.75))
+    assert m.cut_short and m.batches >= 2
+    assert m.samples_per_second == pytest.approx(50, rel=0.1)
+
+
 def test_a_step_slower_than_the_time_limit_is_interrupted():
     from toydata import Slow
 
@@ -153,3 +162,27 @@ def test_when_the_workers_make_whole_epochs_the_probe_measures_whole_epochs(cont
         assert m.samples % 256 == 0 and m.samples >= 256
         assert 0 < m.samples_per_second < 1.1 * 4 / 0.0005  # 4 workers, 0.5 ms an item
     assert not worker_processes()
+
+
+class _SlowStep(torch.nn.Module):
+    """A model whose forward pass takes ``seconds``: the step, not the data, binds."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds, self.linear = seconds, torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.linear(x)
+
+
+def test_workers_done_with_the_epoch_do_not_count_as_falling_behind():
+    # 12 batches of 4 at 20 ms a step or more; 2 workers x 4 prefetch make the epoch long
+    # before the step is through it, and then idle for want of work while the step drains
+    # their queue. Counting only what they made in the window said they fell behind (0/s).
+    probe = TrainingProbe(Indexed(48), device=CPU, model=_SlowStep(0.02),
+                          loss_fn=torch.nn.functional.cross_entropy)
+    config = LoaderConfig(4, 2, 4)
+    step = probe.step_rate(config, Window(seconds=0.2))
+    m = probe.measure(config, Window(seconds=0.05, deadline=20))
+    assert step is not None and m.samples_per_second == pytest.approx(step, rel=0.2)

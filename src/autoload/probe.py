@@ -180,10 +180,13 @@ def _epoch_batches(loader: DataLoader[Any]) -> float:
         return math.inf
 
 
-def _made_share(produced: Sequence[int], first: int, last: int) -> float:
+def _made_share(produced: Sequence[int], first: int, last: int,
+                done: Sequence[bool] = ()) -> float:
     """Of the batches consumed between steady batches ``first`` and ``last``, the share the
-    workers made meanwhile (at most 1); 1 without workers."""
-    if last <= first or len(produced) <= last:
+    workers made meanwhile (at most 1); 1 without workers, and 1 when by ``last`` they had
+    made every batch of the epochs begun (``done``): then they made fewer for want of work,
+    not of speed, and the step is what ran behind."""
+    if last <= first or len(produced) <= last or (len(done) > last and done[last]):
         return 1.0
     return min(1.0, (produced[last] - produced[first]) / (last - first))
 
@@ -451,7 +454,7 @@ class TrainingProbe(Probe):
         clock = self.clock
         step = self._make_step(config)
         # Batches before measuring: the first (start-up) and one more (lazy init, caches), or
-        # as many as the workers queue while starting.
+        # as many as the workers queue while starting (set below for whole epochs).
         warmup = max(2, config.num_workers * (config.prefetch_factor or 0))
         kwargs = config.dataloader_arguments(self.loader_options, timeout=window.deadline)
         made: Any = None  # batches made by each worker, when there are workers
@@ -466,26 +469,44 @@ class TrainingProbe(Probe):
         loader: DataLoader[Any] = DataLoader(self.dataset, **kwargs)
         it: Iterator[Any] = iter(loader)
         seen = samples = batches = 0
-        startup = warmup_end = steady_start = 0.0
+        startup = warmup_end = steady_start = last_step = 0.0
+        made_first = made_last = 0  # batches the workers had made at the first and last step
         wait = 0.0
         warming = True
         cut_short = False
         waits: list[_Point] = []  # where the steady fetches that waited on the workers began
         marks: list[tuple[float, int]] = []  # (time, samples so far) after each steady batch
         produced: list[int] = []  # batches the workers had made when each steady fetch began
+        done: list[bool] = []  # whether that was every batch of the epochs begun
+        epoch_batches, epoch_starts = _epoch_batches(loader), 1
+
+        def count_made() -> None:
+            produced.append(sum(made))
+            done.append(produced[-1] >= epoch_starts * epoch_batches)
         epochs: list[_Point] = []  # where the epochs begun since the steady window began
-        whole_epochs = made is not None and _epoch_batches(loader) <= (
+        whole_epochs = made is not None and epoch_batches <= (
             config.num_workers * (config.prefetch_factor or 2))
+        if whole_epochs:
+            # Measured from one epoch's end to another's, when nothing is queued: the queue
+            # start-up filled needs no draining, only the first steps' lazy init.
+            warmup = 2
         try:
             while True:
                 if made is not None and not warming:
-                    produced.append(sum(made))
+                    count_made()
                 fetch = clock()
                 batch = next(it, _END)
                 if batch is _END:  # epochs run back to back; persistent workers stay up
                     if not warming:
                         epochs.append((fetch, samples, batches))
+                        if whole_epochs and len(epochs) >= 2 and (
+                            batches >= window.max_batches
+                            or (fetch - steady_start >= window.seconds
+                                and batches >= window.min_batches)
+                        ):
+                            break  # whole epochs measured: no need to start another
                     it = iter(loader)
+                    epoch_starts += 1
                     batch = next(it, _END)
                     if batch is _END:
                         raise DatasetError(
@@ -494,12 +515,15 @@ class TrainingProbe(Probe):
                         )
                 got = clock()
                 step(batch)
-                stepped = clock()
+                stepped = last_step = clock()
+                if made is not None and warming:
+                    made_last = sum(made)
                 dog.raise_if_exceeded()
                 self._check_gpu_cap()
                 seen += 1
                 if seen == 1:
                     startup = got - start
+                    made_first = made_last
                     if window.time_limit is not None:
                         alarm.soft_in(window.time_limit - (clock() - got))
                 over_time = (window.time_limit is not None
@@ -548,7 +572,7 @@ class TrainingProbe(Probe):
                     break
             self._sync()
             if made is not None:
-                produced.append(sum(made))
+                count_made()
             if whole_epochs and len(epochs) >= 2:
                 first, last = epochs[0], epochs[-1]
             else:
@@ -558,22 +582,27 @@ class TrainingProbe(Probe):
             samples, batches = last[1] - first[1], last[2] - first[2]
             # Batches taken from the workers' queue faster than they make new ones only drain
             # it, which cannot last: count what the workers made in the span when that is less.
-            samples = round(samples * _made_share(produced, first[2], last[2]))
+            samples = round(samples * _made_share(produced, first[2], last[2], done))
             marks = [(t, s - first[1]) for t, s in marks[first[2]:last[2]]]
             rate_cv = None if cut_short else window_cv(steady_start, marks,
                                                        min_block=config.num_workers)
         except _OutOfTime:
             alarm.soft_off()
             cut_short, rate_cv = True, None
+            # Up to the last step that ended: the batch in progress is neither counted nor timed.
             if batches == 0:  # still warming up: measure what came after the first batch
-                samples, batches = (seen - 1) * config.batch_size, seen - 1
+                batches = seen - 1
+                if made is not None:  # the workers' output, if the queue only drained
+                    batches = min(batches, made_last - made_first)
+                samples = batches * config.batch_size
                 steady_start = start + startup
                 warmup_end = warmup_end or clock()
             elif len(produced) > batches:  # cut inside the steady window: as above
-                samples = round(samples * _made_share(produced, 0, batches))
-            if batches == 0:  # not even a second batch in time: the first, start-up included
-                samples, batches, steady_start = config.batch_size, 1, start
-            seconds = clock() - steady_start
+                samples = round(samples * _made_share(produced, 0, batches, done))
+            end = last_step
+            if batches <= 0:  # not even a second batch in time: the first, start-up included
+                samples, batches, steady_start, end = config.batch_size, 1, start, clock()
+            seconds = end - steady_start
         except BaseException as exc:
             # The traceback's frames hold the iterator (DataLoader's own methods have it as
             # `self`), which would keep its workers alive until the exception is gone.
