@@ -142,3 +142,52 @@ def test_a_simpler_finalist_within_noise_wins_but_not_beyond(clock, edge, simple
     assert {f.config for f in result.finalists} >= {complex_, LoaderConfig(256, 0)}
     assert result.config == (LoaderConfig(256, 0) if simple_wins else complex_)
     assert any("counted as tied" in note for note in result.notes)
+
+
+def _close_and_far(config):
+    """Two close leaders (bs=256: 1000/s at 0 workers, 980/s at 2), everything else 500/s."""
+    return {LoaderConfig(256, 0): 1000.0, LoaderConfig(256, 2, 4): 980.0}.get(config, 500.0)
+
+
+class Alternating(Fixed):
+    """Each configuration's windows alternate ``spread`` above and below its rate."""
+
+    def __init__(self, clock, rates, spread):
+        super().__init__(clock, rates)
+        self.spread, self.seen = spread, {}
+
+    def measure(self, config, window):
+        self.clock.now += window.seconds + 0.1
+        k = self.seen[config] = self.seen.get(config, 0) + 1
+        rate = self.rates(config) * (1 + self.spread * (-1) ** k)
+        return Measurement(rate, 0.0, 0.0, window.seconds, int(rate), 10, 0.5, rate_cv=0.001)
+
+
+def test_finalists_clearly_behind_drop_out_and_close_ones_get_extra_rounds(clock):
+    probe = Alternating(clock, _close_and_far, spread=0.02)
+    result = _tune(clock, probe, batch_size=[64, 256], num_workers=[0, 2], prefetch_factor=4)
+    rates = {f.config: len(f.rates) for f in result.finalists}
+    # The 500/s ones (defaults, recipe) stop after two rounds; the two leaders go on past the
+    # three planned rounds with the time that frees, within the budget.
+    assert rates[LoaderConfig(64, 0)] == 2 and rates[LoaderConfig(64, 2, 4)] == 2
+    assert rates[LoaderConfig(256, 0)] > 3 and rates[LoaderConfig(256, 2, 4)] > 3
+    assert result.elapsed_seconds <= 60
+    assert any("clearly behind" in note for note in result.notes)
+
+
+def test_without_a_budget_the_final_keeps_its_planned_rounds(clock):
+    probe = Alternating(clock, _close_and_far, spread=0.02)
+    result = _tune(clock, probe, batch_size=[64, 256], num_workers=[0, 2], prefetch_factor=4,
+                   timeout=None, n_trials=8)
+    rates = {f.config: len(f.rates) for f in result.finalists}
+    assert rates[LoaderConfig(256, 0)] == 3 and rates[LoaderConfig(64, 0)] == 2
+
+
+def test_noise_keeps_a_finalist_it_could_explain_in_the_race(clock):
+    # Windows alternate +-10% (a CV of 0.14): even 800/s against 1000/s is within 4 sigma of
+    # the difference, so neither leader is dropped.
+    rates = {LoaderConfig(256, 0): 1000.0, LoaderConfig(256, 2, 4): 800.0}
+    probe = Alternating(clock, lambda c: rates.get(c, 300.0), spread=0.1)
+    result = _tune(clock, probe, batch_size=[64, 256], num_workers=[0, 2], prefetch_factor=4)
+    counts = {f.config: len(f.rates) for f in result.finalists}
+    assert counts[LoaderConfig(256, 2, 4)] == counts[LoaderConfig(256, 0)] >= 3

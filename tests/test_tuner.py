@@ -55,7 +55,9 @@ def test_baselines_run_first_and_the_answer_beats_them(clock):
 def test_budget_includes_the_final_re_measure(clock):
     result = _tune(clock, SurfaceProbe(clock, overhead=0.3), timeout=30)
     assert result.elapsed_seconds <= 30 * 1.1
-    assert all(len(f.rates) == 3 for f in result.finalists)
+    assert all(len(f.rates) >= 2 for f in result.finalists)
+    winner = next(f for f in result.finalists if f.config == result.config)
+    assert len(winner.rates) >= 3
 
 
 def test_n_trials_caps_the_trials(clock):
@@ -127,7 +129,7 @@ def test_progress_reports_every_trial_and_final_measurement(clock):
     final = [e for e in events if e.phase == "final"]
     assert [e.done for e in search] == list(range(1, 7))
     assert search[-1].best is not None and final[-1].done == final[-1].total
-    assert len(final) == 3 * len(result.finalists)
+    assert len(final) == sum(len(f.rates) for f in result.finalists)
 
 
 def test_storage_resumes_without_re_measuring(clock, tmp_path):
@@ -136,7 +138,7 @@ def test_storage_resumes_without_re_measuring(clock, tmp_path):
     _tune(clock, first, n_trials=6, timeout=None, storage=url, study_name="s")
     second = SurfaceProbe(clock)
     result = _tune(clock, second, n_trials=6, timeout=None, storage=url, study_name="s")
-    searched = second.calls[: len(second.calls) - 3 * len(result.finalists)]
+    searched = second.calls[: len(second.calls) - sum(len(f.rates) for f in result.finalists)]
     assert not set(searched) & set(first.calls[:6])
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 12
 
@@ -180,7 +182,8 @@ def test_slow_fetches_widen_workers_to_four_times_the_cpus(clock):
     # The defaults, measured first (the pilot's windows), then only in the final rounds.
     assert probe.calls[:PILOT_RUNS] == [LoaderConfig(64, 0)] * PILOT_RUNS
     assert result.trials[0].state == "ok"
-    assert probe.calls.count(LoaderConfig(64, 0)) == PILOT_RUNS + 3
+    defaults = next(f for f in result.finalists if f.role == "defaults")
+    assert probe.calls.count(LoaderConfig(64, 0)) == PILOT_RUNS + len(defaults.rates)
     assert max(t.config.num_workers for t in result.trials) > cpus
     assert any(f"up to {4 * cpus}" in note for note in result.notes)
 

@@ -19,6 +19,8 @@ __all__ = ["finish"]
 _TIE_MIN, _TIE_MAX = 0.01, 0.03
 _MAX_FINAL_WINDOWS = 5  # final windows at most this many search windows long
 _FINAL_MIN_BATCHES = 4  # a final rate rests on a few batches at least, even slow ones
+_EXTRA_ROUNDS = 2  # close finalists get up to this many times the planned rounds, time allowing
+_DROP_MIN = 0.05  # a finalist is clearly behind only when at least this far under the best
 
 
 def _final_round_order(configs: list[LoaderConfig], round_index: int) -> list[LoaderConfig]:
@@ -34,20 +36,32 @@ def _simplicity(config: LoaderConfig) -> tuple[int, int, bool, bool]:
 
 def _remeasure(state: SearchState, finalists: dict[LoaderConfig, set[str]], rounds: int,
                seconds: float) -> dict[LoaderConfig, list[Measurement]]:
-    """Measure the finalists side by side: interleaved rounds, each in a rotated order."""
+    """Measure the finalists side by side: interleaved rounds, each in a rotated order.
+
+    After two rounds a finalist clearly below the best (even its best rate is more than
+    ``_drop_gap`` under the best median) is measured no more. With a budget, the time that
+    frees pays for extra rounds of the rest, up to ``_EXTRA_ROUNDS`` x ``rounds`` in all: close
+    finalists are what a noisy machine confuses, and more rounds of them settle it.
+    """
     results: dict[LoaderConfig, list[Measurement]] = {c: [] for c in finalists}
-    dropped: set[LoaderConfig] = set()
-    done, total = 0, rounds * len(finalists)
-    for r in range(rounds):
-        for config in _final_round_order(list(finalists), r):
-            if config in dropped:
-                continue
+    faulted: set[LoaderConfig] = set()
+    behind: set[LoaderConfig] = set()
+    most = rounds if state.budget is None else _EXTRA_ROUNDS * rounds
+    done, r = 0, 0
+    while r < most:
+        active = [c for c in finalists if c not in faulted and c not in behind]
+        if not active:
+            break
+        if r >= rounds:  # an extra round: only for close finalists, and only if it fits
+            cost = sum(seconds + state.overhead(c) for c in active)
+            if len(active) < 2 or _time_left(state) < cost:
+                break
+        for config in _final_round_order(active, r):
             # The soft limit (after the first batch) covers the warm-up and the window, and
             # never reaches past the budget, whatever the plan thought.
             limit = seconds + 2 * state.overhead(config) + 0.5
             if state.budget is not None:
-                left = (_final_deadline(state) + MARGIN * state.budget - state.clock()
-                        - state.overhead(config))
+                left = _time_left(state) - state.overhead(config)
                 if results[config] and left < seconds:
                     continue  # out of time: keep the rates measured so far
                 limit = min(limit, max(seconds / 2, left))
@@ -59,24 +73,60 @@ def _remeasure(state: SearchState, finalists: dict[LoaderConfig, set[str]], roun
             except AutoloadError:
                 raise
             except Exception:  # a finalist that faults now is out, whatever it did before
-                dropped.add(config)
+                faulted.add(config)
             done += 1
             if state.progress is not None:
+                planned = done + sum(1 for c in active if c not in faulted) * max(
+                    0, rounds - r - 1)
                 best = max(((_median(v), c) for c, v in results.items() if v),
                            default=(None, None), key=lambda t: t[0] or 0.0)
-                state.progress(ProgressEvent("final", done, total, state.clock() - state.start,
-                                             state.budget, best[0], best[1]))
-    return {c: v for c, v in results.items() if v and c not in dropped}
+                state.progress(ProgressEvent("final", done, planned,
+                                             state.clock() - state.start, state.budget,
+                                             best[0], best[1]))
+        r += 1
+        if r >= 2:
+            behind |= _clearly_behind(state, {c: results[c] for c in active
+                                              if c not in faulted and results[c]}, seconds)
+    return {c: v for c, v in results.items() if v and c not in faulted}
+
+
+def _time_left(state: SearchState) -> float:
+    assert state.budget is not None
+    return _final_deadline(state) + MARGIN * state.budget - state.clock()
+
+
+def _window_cv(state: SearchState, measured: dict[LoaderConfig, list[Measurement]],
+               seconds: float) -> float:
+    """One final window's coefficient of variation: the median spread of the finalists'
+    repeated rates, or before a second round the search's noise estimate."""
+    spreads = [statistics.stdev(rates) / statistics.fmean(rates)
+               for rates in ([m.samples_per_second for m in ms] for ms in measured.values())
+               if len(rates) >= 2 and statistics.fmean(rates) > 0]
+    return statistics.median(spreads) if spreads else state.window_cv(seconds)
+
+
+def _drop_gap(cv: float) -> float:
+    """How far under the best median a finalist's best rate must be to be clearly behind:
+    4 standard deviations of the difference of two windows, and at least ``_DROP_MIN``."""
+    return max(_DROP_MIN, 4 * math.sqrt(2) * cv)
+
+
+def _clearly_behind(state: SearchState, measured: dict[LoaderConfig, list[Measurement]],
+                    seconds: float) -> set[LoaderConfig]:
+    if len(measured) < 2:
+        return set()
+    top = max(_median(ms) for ms in measured.values())
+    floor = top * (1 - _drop_gap(_window_cv(state, measured, seconds)))
+    return {c for c, ms in measured.items() if max(m.samples_per_second for m in ms) < floor}
+
 
 def _tie_margin(state: SearchState, measured: dict[LoaderConfig, list[Measurement]],
                 seconds: float) -> float:
     """How close two finalists' medians must be to count as a tie, from the spread of the
     finalists' repeated rates (or, after a single round, from the search's noise estimate)."""
-    spreads = [statistics.stdev(rates) / statistics.fmean(rates)
-               for rates in ([m.samples_per_second for m in ms] for ms in measured.values())
-               if len(rates) >= 2 and statistics.fmean(rates) > 0]
-    rounds = max(len(ms) for ms in measured.values())
-    cv = statistics.median(spreads) if spreads else state.window_cv(seconds)
+    close = {c: ms for c, ms in measured.items() if len(ms) >= 2} or measured
+    rounds = statistics.median(len(ms) for ms in close.values())
+    cv = _window_cv(state, close, seconds)
     # The median of R rates varies about 1.25 / sqrt(R) as much as one; a difference sqrt(2).
     sigma = math.sqrt(2) * 1.25 * cv / math.sqrt(rounds)
     return min(max(sigma, _TIE_MIN), _TIE_MAX)
@@ -134,10 +184,13 @@ def finish(state: SearchState, *, device: str, samples_per_epoch: int | None,
     tie = _tie_margin(state, measured, seconds)
     winner = min((f for f in records.values() if f.median >= top * (1 - tie)),
                  key=lambda f: _simplicity(f.config)).config
+    most = max(len(ms) for ms in measured.values())
+    behind = sum(1 for ms in measured.values() if len(ms) < most)
+    dropped = (f" ({behind} clearly behind after fewer rounds)" if behind else "")
     notes.append(
         f"noise: one second of measuring a configuration varied by about {state.noise():.1%} "
         f"from run to run, so search windows lasted {state.window.seconds:.2f} s and the "
-        f"finalists ran up to {max(len(ms) for ms in measured.values())} x {seconds:.2f} s; "
+        f"finalists ran up to {most} x {seconds:.2f} s{dropped}; "
         f"those within {tie:.1%} of the best counted as tied, and the simplest of them won."
     )
     # An upper bound: the training step alone, on a batch already on the device. It takes two
