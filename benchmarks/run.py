@@ -2,8 +2,8 @@
 
     python benchmarks/run.py [--cases a,b,...] [--quick] [--json benchmarks/results.json]
                              [--device cpu|cuda] [--tune-timeout 30] [--grid-window 0.6]
-                             [--final-window 3] [--rounds 3] [--max-grid-workers K]
-                             [--reuse-grid PATH]
+                             [--final-window 3] [--rounds 3] [--extra-rounds 3]
+                             [--point-limit 4] [--max-grid-workers K] [--reuse-grid PATH]
 
 For each case (``benchmarks/cases/``): measure every point of the grid once (``grid.py``), or take
 it from an earlier run's JSON (``--reuse-grid``), run ``autoload.tune``, then re-measure the
@@ -60,9 +60,13 @@ from grid import (  # noqa: E402
 ORACLE_TARGET = 0.95  # the tuner's median is at least this share of the oracle's
 TIME_SHARE, TIME_FLOOR = 0.15, 30.0  # tuning may take max(15% of the grid's time, 30 s)
 PRUNE_MARGIN = 0.8  # skip a grid point whose step alone is under this share of the best so far
+# A warm-up step of WARMUP_SETTLES s or more runs at most WARMUP_SLACK x slower than later steps
+# (its one-off costs, kernel choice and allocation, are small next to a step that long).
+WARMUP_SETTLES, WARMUP_SLACK = 1.0, 3.0
 ROLES = ("tuner", "oracle", "defaults", "recipe")
 DEFAULT_JSON = HERE / "results.json"
 CUDA_MAX_GRID_WORKERS = 8  # --max-grid-workers on CUDA: workers 0, 1, 2, 4, 8
+POINT_LIMIT = 4.0  # s after its first batch a grid point measures at most (--point-limit)
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class Settings:
     amps: tuple[AmpDtype | None, ...] = (None, "bfloat16")  # for cases with a model
     pin_memory: tuple[bool, ...] = (False,)
     reuse_grid: Path | None = None
+    extra_rounds: int = 0  # tuner and oracle only, while the oracle target is within noise
+    point_limit: float | None = POINT_LIMIT  # None: a grid point measures until it settles
 
     @property
     def workers(self) -> list[int]:
@@ -133,6 +139,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     parser.add_argument("--final-window", type=float,
                         help="window per re-measure, s (3; 0.5 on CUDA)")
     parser.add_argument("--rounds", type=int, help="interleaved re-measure rounds (3)")
+    parser.add_argument("--extra-rounds", type=int, metavar="N",
+                        help="rounds of the tuner's pick and the oracle alone, added while the "
+                             "0.95 target lies within their noise (3; 0 with --quick)")
     parser.add_argument("--grid-batch-sizes", type=int,
                         help="how many batch sizes the grid takes (8; 3 on CUDA and with --quick)")
     parser.add_argument("--max-grid-workers", type=int, metavar="K",
@@ -144,6 +153,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     parser.add_argument("--point-deadline", type=float, default=30.0,
                         help="a grid point or re-measure that runs longer (start-up included) "
                              "fails and counts as 0 samples/s (default: %(default)s s)")
+    parser.add_argument("--point-limit", type=float, default=POINT_LIMIT,
+                        help="a grid point still measuring this long after its first batch "
+                             "ends with what it measured (slow batches); one that comes within "
+                             f"{PRUNE_MARGIN:g} x the best is measured again without the limit "
+                             "(0: no limit; default: %(default)s s)")
     parser.add_argument("--exhaustive", action="store_true",
                         help="measure every grid point, even one whose training step alone is "
                              f"slower than {PRUNE_MARGIN:g} x the best rate so far")
@@ -175,6 +189,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         grid_window=pick(args.grid_window, 0.6, 0.1, gpu=0.15),
         final_window=pick(args.final_window, 3.0, 0.2, gpu=0.5),
         rounds=int(pick(args.rounds, 3, 1)),
+        extra_rounds=int(pick(args.extra_rounds, 3, 0)),
         point_deadline=args.point_deadline,
         exhaustive=args.exhaustive,
         batch_sizes=int(pick(args.grid_batch_sizes, 8, 3, gpu=3)),
@@ -186,12 +201,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         amps=amps,
         pin_memory=(False, True) if cuda else (False,),
         reuse_grid=args.reuse_grid,
+        point_limit=args.point_limit if args.point_limit > 0 else None,
     )
     for name in ("tune_timeout", "grid_window", "final_window", "point_deadline"):
         if not getattr(settings, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if settings.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if settings.extra_rounds < 0:
+        parser.error("--extra-rounds must be at least 0")
     if settings.batch_sizes < 1:
         parser.error("--grid-batch-sizes must be at least 1")
     if settings.max_grid_workers is not None and settings.max_grid_workers < 1:
@@ -311,6 +329,7 @@ def _measure(probe: TrainingProbe, config: LoaderConfig, window: Window) -> dict
         "samples_per_second": m.samples_per_second,
         "error": None,
         "wall_seconds": time.perf_counter() - began,
+        "cut_short": m.cut_short,
         "startup_seconds": m.startup_seconds,
         "warmup_seconds": m.warmup_seconds,
         "seconds": m.seconds,
@@ -322,15 +341,22 @@ def _measure(probe: TrainingProbe, config: LoaderConfig, window: Window) -> dict
     }
 
 
-def _window(seconds: float, settings: Settings) -> Window:
-    return Window(seconds=seconds, deadline=max(settings.point_deadline, 10 * seconds))
+def _window(seconds: float, settings: Settings, time_limit: float | None = None) -> Window:
+    return Window(seconds=seconds, deadline=max(settings.point_deadline, 10 * seconds),
+                  time_limit=time_limit)
 
 
 def step_bound(model: torch.nn.Module, loss: Any, dataset: Any, batch_size: int,
-               amp: str | None, min_seconds: float, device: torch.device | None = None) -> float:
+               amp: str | None, min_seconds: float, device: torch.device | None = None,
+               below: float = 0.0) -> tuple[float, bool]:
     """Samples/s of the training step alone on one batch already on ``device`` (default CPU): no
     loader setting can beat it. Runs on a copy of the model (and a fresh SGD), so the case's model
-    is untouched. On CUDA, float16 runs without a GradScaler (a little faster: still a bound)."""
+    is untouched. On CUDA, float16 runs without a GradScaler (a little faster: still a bound).
+
+    A slow warm-up step can settle it: when it took at least ``WARMUP_SETTLES`` seconds and even
+    ``WARMUP_SLACK`` x its rate is under ``below``, that is returned as the bound (second value
+    True) without timing more steps (a bf16 step at batch 1024 on a CPU without native bf16
+    takes ~18 s)."""
     device = torch.device("cpu") if device is None else device
     cuda = device.type == "cuda"
     net = copy.deepcopy(model).train()
@@ -349,27 +375,35 @@ def step_bound(model: torch.nn.Module, loss: Any, dataset: Any, batch_size: int,
         if cuda:  # time the kernels, not their launch
             torch.cuda.synchronize(device)
 
+    began = time.perf_counter()
     step()  # warm-up: allocator, kernels for this shape, autocast's weight cache
+    warmup = time.perf_counter() - began
+    if warmup >= WARMUP_SETTLES and WARMUP_SLACK * batch_size / warmup < below:
+        return WARMUP_SLACK * batch_size / warmup, True
     fastest, spent, steps = math.inf, 0.0, 0
     while steps < 1 or (steps < 3 and spent < min_seconds):
         began = time.perf_counter()
         step()
         took = time.perf_counter() - began
         fastest, spent, steps = min(fastest, took), spent + took, steps + 1
-    return batch_size / fastest
+    return batch_size / fastest, False
 
 
 def run_grid(name: str, probe: TrainingProbe, grid: list[LoaderConfig], settings: Settings,
-             bound: Callable[[LoaderConfig], float] | None = None,
+             bound: Callable[[LoaderConfig, float], float] | None = None,
              ) -> tuple[list[dict[str, Any]], float]:
     """Measure the grid in order; with ``bound`` (and not ``--exhaustive``), skip a point whose
-    step-alone bound is under ``PRUNE_MARGIN`` x the best rate measured so far."""
-    window = _window(settings.grid_window, settings)
+    step-alone bound is under ``PRUNE_MARGIN`` x the best rate measured so far.
+
+    A point is cut short ``settings.point_limit`` s after its first batch. Such a point that
+    comes within ``PRUNE_MARGIN`` x the best is measured again without the limit (its time
+    counts), so the oracle always rests on a whole measurement."""
+    window = _window(settings.grid_window, settings, settings.point_limit)
     points: list[dict[str, Any]] = []
     best = 0.0
     began = time.perf_counter()
     for i, config in enumerate(grid, 1):
-        limit = None if bound is None or settings.exhaustive else bound(config)
+        limit = None if bound is None or settings.exhaustive else bound(config, best)
         if limit is not None and limit < PRUNE_MARGIN * best:
             points.append({"config": config.to_dict(), "samples_per_second": 0.0,
                            "error": None, "skipped": True, "step_bound": limit})
@@ -381,8 +415,27 @@ def run_grid(name: str, probe: TrainingProbe, grid: list[LoaderConfig], settings
         points.append(point)
         best = max(best, point["samples_per_second"])
         outcome = point["error"] or f"{point['samples_per_second']:,.0f}/s"
+        cut = ", cut short" if point.get("cut_short") else ""
         log(f"[{name}] grid {i}/{len(grid)} {config.label()}: {outcome} "
-            f"({point['wall_seconds']:.1f} s)")
+            f"({point['wall_seconds']:.1f} s{cut})")
+    while True:  # contenders that were cut short, best first, until the best is whole
+        best = max(p["samples_per_second"] for p in points)
+        contenders = [p for p in points if p.get("cut_short")
+                      and p["samples_per_second"] >= PRUNE_MARGIN * best]
+        if not contenders:
+            break
+        point = max(contenders, key=lambda p: p["samples_per_second"])
+        config = LoaderConfig.from_dict(point["config"])
+        again = _measure(probe, config, _window(settings.grid_window, settings))
+        again["skipped"], again["step_bound"] = False, point["step_bound"]
+        again["cut_short_first"] = {"samples_per_second": point["samples_per_second"],
+                                    "wall_seconds": point["wall_seconds"]}
+        again["cut_short"] = False  # measured whole now (a fault counts 0, as usual)
+        points[points.index(point)] = again
+        log(f"[{name}] grid {config.label()} again, whole: "
+            f"{again['error'] or format(again['samples_per_second'], ',.0f') + '/s'} "
+            f"({again['wall_seconds']:.1f} s; cut short it measured "
+            f"{point['samples_per_second']:,.0f}/s)")
     return points, time.perf_counter() - began
 
 
@@ -429,14 +482,38 @@ def remeasure(name: str, probe: TrainingProbe, roles: dict[str, LoaderConfig],
     window = _window(settings.final_window, settings)
     rows: list[dict[str, Any]] = []
     total = settings.rounds * len(configs)
-    for r in range(settings.rounds):
+    for r in range(settings.rounds + settings.extra_rounds):
+        if r >= settings.rounds:  # an extra round, for the oracle target alone
+            if not oracle_undecided(roles, rows):
+                break
+            configs = [roles["tuner"], roles["oracle"]]
+            total += len(configs)
         for config in _rotated(configs, r):
             row = _measure(probe, config, window)
             row["round"] = r
             rows.append(row)
             outcome = row["error"] or f"{row['samples_per_second']:,.0f}/s"
-            log(f"[{name}] re-measure {len(rows)}/{total} {config.label()}: {outcome}")
+            log(f"[{name}] re-measure {len(rows)}/{total} {config.label()}: {outcome}"
+                + (" (extra round: tuner/oracle within noise of the target)"
+                   if r >= settings.rounds else ""))
     return rows
+
+
+def oracle_undecided(roles: dict[str, LoaderConfig], rows: list[dict[str, Any]]) -> bool:
+    """Whether the tuner/oracle target lies within the noise of the ratio measured so far:
+    the ratio of medians, give or take the larger relative half-range of the two."""
+    tuner, oracle = roles.get("tuner"), roles.get("oracle")
+    if tuner is None or oracle is None or tuner == oracle:
+        return False
+    mine = spread([r["samples_per_second"] for r in rows
+                   if LoaderConfig.from_dict(r["config"]) == tuner])
+    best = spread([r["samples_per_second"] for r in rows
+                   if LoaderConfig.from_dict(r["config"]) == oracle])
+    if mine["median"] <= 0 or best["median"] <= 0:
+        return False
+    ratio = mine["median"] / best["median"]
+    noise = max(mine["half_range"], best["half_range"])
+    return ratio * (1 - noise) < ORACLE_TARGET < ratio * (1 + noise)
 
 
 def spread(rates: Sequence[float]) -> dict[str, float]:
@@ -570,14 +647,15 @@ def _measure_grid(name: str, module: ModuleType, n: int, dataset: Any, model: An
     log(f"[{name}] {module.DESCRIPTION}; n={n}, grid of {len(grid)} points")
     bounds: dict[tuple[int, str | None], dict[str, Any]] = {}
 
-    def bound(config: LoaderConfig) -> float:
+    def bound(config: LoaderConfig, best: float) -> float:
         key = (config.batch_size, config.amp)
         if key not in bounds:
             began = time.perf_counter()
-            rate = step_bound(model, loss, dataset, config.batch_size, config.amp,
-                              settings.grid_window / 3, device=device)
+            rate, warmup_only = step_bound(model, loss, dataset, config.batch_size, config.amp,
+                                           settings.grid_window / 3, device=device,
+                                           below=PRUNE_MARGIN * best)
             bounds[key] = {"batch_size": key[0], "amp": key[1], "samples_per_second": rate,
-                           "seconds": time.perf_counter() - began}
+                           "seconds": time.perf_counter() - began, "warmup_only": warmup_only}
         return float(bounds[key]["samples_per_second"])
 
     points, grid_wall = run_grid(name, probe, grid, settings,
@@ -714,7 +792,9 @@ def main(argv: Sequence[str] | None = None,
         "settings": {
             "quick": settings.quick, "tune_timeout": settings.tune_timeout,
             "grid_window": settings.grid_window, "final_window": settings.final_window,
-            "rounds": settings.rounds, "point_deadline": settings.point_deadline,
+            "rounds": settings.rounds, "extra_rounds": settings.extra_rounds,
+            "point_deadline": settings.point_deadline,
+            "point_limit": settings.point_limit,
             "exhaustive": settings.exhaustive, "prune_margin": PRUNE_MARGIN,
             "batch_sizes": settings.batch_sizes, "num_workers": settings.workers,
             "cases": args.selected, "oracle_target": ORACLE_TARGET,

@@ -7,6 +7,7 @@ import math
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 def _load(name, path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -144,3 +146,79 @@ def test_quick_run_writes_the_json(tmp_path):
             "targets", "verdict", "spreads"} <= summary.keys()
     assert set(summary["spreads"]) == {"tuner", "oracle", "defaults", "recipe"}
     assert summary["verdict"].startswith(("PASS", "FAIL"))
+
+
+run = _load("benchmark_run", BENCH / "run.py")
+
+
+def _rows(config, rates):
+    return [{"config": config.to_dict(), "samples_per_second": r} for r in rates]
+
+
+def test_extra_rounds_only_while_the_oracle_target_is_within_noise():
+    from autoload import LoaderConfig
+
+    tuner, oracle = LoaderConfig(16, 0), LoaderConfig(64, 2, 2)
+    roles = {"tuner": tuner, "oracle": oracle, "defaults": oracle, "recipe": oracle}
+    wide = _rows(tuner, [960, 900, 1000]) + _rows(oracle, [1000, 950, 1050])  # 0.96 +- 5%
+    assert run.oracle_undecided(roles, wide)
+    narrow = _rows(tuner, [960, 955, 965]) + _rows(oracle, [1000, 995, 1005])  # 0.96 +- 0.5%
+    assert not run.oracle_undecided(roles, narrow)
+    far = _rows(tuner, [700, 650, 750]) + _rows(oracle, [1000, 950, 1050])  # 0.7 +- 7%
+    assert not run.oracle_undecided(roles, far)
+    assert not run.oracle_undecided({**roles, "tuner": oracle}, wide)
+
+
+class CutShortFirst:
+    """Rates from a table; the first window of a ``slow`` configuration is cut short and reads
+    low."""
+
+    def __init__(self, rates, slow):
+        self.rates, self.slow, self.calls = rates, slow, []
+
+    def measure(self, config, window):
+        from autoload import Measurement
+
+        first = config not in self.calls
+        self.calls.append(config)
+        cut = first and window.time_limit is not None and config in self.slow
+        rate = self.rates[config] * (0.75 if cut else 1.0)
+        return Measurement(rate, 0.0, 0.0, 1.0, int(rate), 4, 0.5, cut_short=cut)
+
+
+def test_a_grid_point_cut_short_near_the_best_is_measured_again_whole():
+    from autoload import LoaderConfig
+
+    slow, near, far = LoaderConfig(1024, 1, 2), LoaderConfig(8, 0), LoaderConfig(1024, 0)
+    probe = CutShortFirst({slow: 1000.0, near: 900.0, far: 300.0}, slow={slow, far})
+    settings = run.Settings(quick=True, tune_timeout=1, grid_window=0.1, final_window=0.1,
+                            rounds=1, point_deadline=10, exhaustive=False, batch_sizes=3,
+                            cpus=2, point_limit=4.0)
+    points, _ = run.run_grid("t", probe, [slow, near, far], settings)
+    # Cut short, slow read 750/s, under near's 900 but within 0.8 x: measured again whole it is
+    # the best; far (225/s cut short, under 0.8 x the best either way) is left as it was.
+    assert probe.calls == [slow, near, far, slow]
+    assert [p["samples_per_second"] for p in points] == [1000.0, 900.0, 225.0]
+    assert points[0]["cut_short_first"]["samples_per_second"] == 750.0
+    assert not points[0]["cut_short"] and points[2]["cut_short"]
+
+
+def test_a_slow_warm_up_step_settles_the_step_bound():
+    import torch
+
+    class Sleepy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            time.sleep(1.1)
+            return self.linear(x)
+
+    data = torch.utils.data.TensorDataset(torch.zeros(8, 2), torch.zeros(8, dtype=torch.long))
+    loss = torch.nn.functional.cross_entropy
+    rate, warmup_only = run.step_bound(Sleepy(), loss, data, 8, None, 0.1, below=1000.0)
+    assert warmup_only and rate == pytest.approx(3 * 8 / 1.1, rel=0.1)  # 3 x the warm-up's
+    # Not below the threshold: the steps are timed as usual.
+    rate, warmup_only = run.step_bound(Sleepy(), loss, data, 8, None, 0.1, below=1.0)
+    assert not warmup_only and rate == pytest.approx(8 / 1.1, rel=0.1)
