@@ -186,3 +186,16 @@ def test_workers_done_with_the_epoch_do_not_count_as_falling_behind():
     step = probe.step_rate(config, Window(seconds=0.2))
     m = probe.measure(config, Window(seconds=0.05, deadline=20))
     assert step is not None and m.samples_per_second == pytest.approx(step, rel=0.2)
+
+
+def test_made_share_judges_workers_only_while_they_had_work():
+    from autoload.probe import _made_share
+
+    # Consumed 4 batches while the workers made 2: they fell behind.
+    assert _made_share([10, 10, 11, 11, 12], 0, 4) == 0.5
+    # They kept up until they had made the whole epoch (index 3), then idled: no shortfall.
+    assert _made_share([10, 11, 12, 13, 13, 13], 0, 5, [False] * 3 + [True] * 3) == 1.0
+    # Behind while they had work (2 made for 3 consumed), then out of work: still behind.
+    assert _made_share([10, 10, 11, 12, 12], 0, 4, [False] * 3 + [True] * 2) == 2 / 3
+    # Out of work before the span began: they were ahead of the step all along.
+    assert _made_share([16, 16, 16], 0, 2, [True] * 3) == 1.0

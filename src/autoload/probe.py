@@ -183,11 +183,18 @@ def _epoch_batches(loader: DataLoader[Any]) -> float:
 def _made_share(produced: Sequence[int], first: int, last: int,
                 done: Sequence[bool] = ()) -> float:
     """Of the batches consumed between steady batches ``first`` and ``last``, the share the
-    workers made meanwhile (at most 1); 1 without workers, and 1 when by ``last`` they had
-    made every batch of the epochs begun (``done``): then they made fewer for want of work,
-    not of speed, and the step is what ran behind."""
-    if last <= first or len(produced) <= last or (len(done) > last and done[last]):
+    workers made meanwhile (at most 1); 1 without workers.
+
+    Workers that have made every batch of the epochs begun (``done``) make no more for want of
+    work, not of speed: the share is then taken up to the batch where they ran out of work, and
+    is 1 if they had already run out when the span began (they were ahead of the step all
+    along)."""
+    if last <= first or len(produced) <= last:
         return 1.0
+    if len(done) > last and done[last]:
+        last = next(i for i in range(first, last + 1) if done[i])
+        if last == first:
+            return 1.0
     return min(1.0, (produced[last] - produced[first]) / (last - first))
 
 
