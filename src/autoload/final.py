@@ -48,6 +48,7 @@ def _remeasure(state: SearchState, finalists: dict[LoaderConfig, set[str]], roun
     behind: set[LoaderConfig] = set()
     most = rounds if state.budget is None else _EXTRA_ROUNDS * rounds
     done, r = 0, 0
+    total = rounds * len(finalists)  # measurements planned, for progress; revised as it goes
     while r < most:
         active = [c for c in finalists if c not in faulted and c not in behind]
         if not active:
@@ -56,6 +57,7 @@ def _remeasure(state: SearchState, finalists: dict[LoaderConfig, set[str]], roun
             cost = sum(seconds + state.overhead(c) for c in active)
             if len(active) < 2 or _time_left(state) < cost:
                 break
+            total += len(active)
         for config in _final_round_order(active, r):
             # The soft limit (after the first batch) covers the warm-up and the window, and
             # never reaches past the budget, whatever the plan thought.
@@ -63,6 +65,7 @@ def _remeasure(state: SearchState, finalists: dict[LoaderConfig, set[str]], roun
             if state.budget is not None:
                 left = _time_left(state) - state.overhead(config)
                 if results[config] and left < seconds:
+                    total -= 1
                     continue  # out of time: keep the rates measured so far
                 limit = min(limit, max(seconds / 2, left))
             window = Window(seconds=seconds, deadline=state.window.deadline,
@@ -74,19 +77,20 @@ def _remeasure(state: SearchState, finalists: dict[LoaderConfig, set[str]], roun
                 raise
             except Exception:  # a finalist that faults now is out, whatever it did before
                 faulted.add(config)
+                total -= max(0, rounds - r - 1)
             done += 1
             if state.progress is not None:
-                planned = done + sum(1 for c in active if c not in faulted) * max(
-                    0, rounds - r - 1)
                 best = max(((_median(v), c) for c, v in results.items() if v),
                            default=(None, None), key=lambda t: t[0] or 0.0)
-                state.progress(ProgressEvent("final", done, planned,
+                state.progress(ProgressEvent("final", done, total,
                                              state.clock() - state.start, state.budget,
                                              best[0], best[1]))
         r += 1
         if r >= 2:
-            behind |= _clearly_behind(state, {c: results[c] for c in active
-                                              if c not in faulted and results[c]}, seconds)
+            out = _clearly_behind(state, {c: results[c] for c in active
+                                          if c not in faulted and results[c]}, seconds)
+            total -= len(out - behind) * max(0, rounds - r)
+            behind |= out
     return {c: v for c, v in results.items() if v and c not in faulted}
 
 
