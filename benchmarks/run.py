@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--cases a,b,...] [--quick] [--json benchmarks/results.json]
                              [--device cpu|cuda] [--tune-timeout 30] [--grid-window 0.6]
-                             [--final-window 3] [--rounds 3] [--extra-rounds 3]
+                             [--final-window 2.5] [--rounds 3] [--extra-rounds 3]
                              [--point-limit 4] [--max-grid-workers K] [--reuse-grid PATH]
 
 For each case (``benchmarks/cases/``): measure every point of the grid once (``grid.py``), or take
@@ -15,17 +15,20 @@ to the JSON file. Progress goes to stderr. See ``benchmarks/README.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -66,7 +69,7 @@ WARMUP_SETTLES, WARMUP_SLACK = 1.0, 3.0
 ROLES = ("tuner", "oracle", "defaults", "recipe")
 DEFAULT_JSON = HERE / "results.json"
 CUDA_MAX_GRID_WORKERS = 8  # --max-grid-workers on CUDA: workers 0, 1, 2, 4, 8
-POINT_LIMIT = 4.0  # s after its first batch a grid point measures at most (--point-limit)
+POINT_LIMIT = 2.5  # s after its first batch a grid point measures at most (--point-limit)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
     parser.add_argument("--grid-window", type=float,
                         help="steady window per grid point, s (0.6; 0.15 on CUDA)")
     parser.add_argument("--final-window", type=float,
-                        help="window per re-measure, s (3; 0.5 on CUDA)")
+                        help="window per re-measure, s (2.5; 0.5 on CUDA)")
     parser.add_argument("--rounds", type=int, help="interleaved re-measure rounds (3)")
     parser.add_argument("--extra-rounds", type=int, metavar="N",
                         help="rounds of the tuner's pick and the oracle alone, added while the "
@@ -187,7 +190,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         quick=quick,
         tune_timeout=pick(args.tune_timeout, 30.0, 4.0),
         grid_window=pick(args.grid_window, 0.6, 0.1, gpu=0.15),
-        final_window=pick(args.final_window, 3.0, 0.2, gpu=0.5),
+        final_window=pick(args.final_window, 2.5, 0.2, gpu=0.5),
         rounds=int(pick(args.rounds, 3, 1)),
         extra_rounds=int(pick(args.extra_rounds, 3, 0)),
         point_deadline=args.point_deadline,
@@ -346,6 +349,30 @@ def _window(seconds: float, settings: Settings, time_limit: float | None = None)
                   time_limit=time_limit)
 
 
+class _Enough(Exception):
+    """A step has run long enough to settle its bound."""
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise ``_Enough`` in the main thread after ``seconds`` (no alarm off the main thread, or
+    for an infinite time)."""
+    if not math.isfinite(seconds) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ring(signum: int, frame: Any) -> None:
+        raise _Enough
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def step_bound(model: torch.nn.Module, loss: Any, dataset: Any, batch_size: int,
                amp: str | None, min_seconds: float, device: torch.device | None = None,
                below: float = 0.0) -> tuple[float, bool]:
@@ -356,7 +383,8 @@ def step_bound(model: torch.nn.Module, loss: Any, dataset: Any, batch_size: int,
     A slow warm-up step can settle it: when it took at least ``WARMUP_SETTLES`` seconds and even
     ``WARMUP_SLACK`` x its rate is under ``below``, that is returned as the bound (second value
     True) without timing more steps (a bf16 step at batch 1024 on a CPU without native bf16
-    takes ~18 s)."""
+    takes ~18 s). The warm-up step is interrupted (an alarm, between two native ops) once it has
+    run that long, so it need not even finish."""
     device = torch.device("cpu") if device is None else device
     cuda = device.type == "cuda"
     net = copy.deepcopy(model).train()
@@ -375,8 +403,13 @@ def step_bound(model: torch.nn.Module, loss: Any, dataset: Any, batch_size: int,
         if cuda:  # time the kernels, not their launch
             torch.cuda.synchronize(device)
 
+    enough = max(WARMUP_SETTLES, WARMUP_SLACK * batch_size / below) if below > 0 else math.inf
     began = time.perf_counter()
-    step()  # warm-up: allocator, kernels for this shape, autocast's weight cache
+    try:
+        with _alarm(enough):
+            step()  # warm-up: allocator, kernels for this shape, autocast's weight cache
+    except _Enough:
+        pass  # interrupted: it has run long enough to settle the bound
     warmup = time.perf_counter() - began
     if warmup >= WARMUP_SETTLES and WARMUP_SLACK * batch_size / warmup < below:
         return WARMUP_SLACK * batch_size / warmup, True

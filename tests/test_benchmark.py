@@ -207,18 +207,19 @@ def test_a_slow_warm_up_step_settles_the_step_bound():
     import torch
 
     class Sleepy(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, seconds):
             super().__init__()
-            self.linear = torch.nn.Linear(2, 2)
+            self.seconds, self.linear = seconds, torch.nn.Linear(2, 2)
 
         def forward(self, x):
-            time.sleep(1.1)
+            time.sleep(self.seconds)
             return self.linear(x)
 
     data = torch.utils.data.TensorDataset(torch.zeros(8, 2), torch.zeros(8, dtype=torch.long))
     loss = torch.nn.functional.cross_entropy
-    rate, warmup_only = run.step_bound(Sleepy(), loss, data, 8, None, 0.1, below=1000.0)
-    assert warmup_only and rate == pytest.approx(3 * 8 / 1.1, rel=0.1)  # 3 x the warm-up's
+    # A 2 s warm-up step is interrupted after 1 s: even 3 x 8 samples / 1 s is under 1000/s.
+    rate, warmup_only = run.step_bound(Sleepy(2.0), loss, data, 8, None, 0.1, below=1000.0)
+    assert warmup_only and rate == pytest.approx(3 * 8 / 1.0, rel=0.1)
     # Not below the threshold: the steps are timed as usual.
-    rate, warmup_only = run.step_bound(Sleepy(), loss, data, 8, None, 0.1, below=1.0)
+    rate, warmup_only = run.step_bound(Sleepy(1.1), loss, data, 8, None, 0.1, below=1.0)
     assert not warmup_only and rate == pytest.approx(8 / 1.1, rel=0.1)
