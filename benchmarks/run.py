@@ -426,7 +426,8 @@ def run_grid(name: str, probe: TrainingProbe, grid: list[LoaderConfig], settings
              bound: Callable[[LoaderConfig, float], float] | None = None,
              ) -> tuple[list[dict[str, Any]], float]:
     """Measure the grid in order; with ``bound`` (and not ``--exhaustive``), skip a point whose
-    step-alone bound is under ``PRUNE_MARGIN`` x the best rate measured so far.
+    step-alone bound is under ``PRUNE_MARGIN`` x the best rate measured so far (by a whole
+    measurement: one cut short can read high).
 
     A point is cut short ``settings.point_limit`` s after its first batch. Such a point that
     comes within ``PRUNE_MARGIN`` x the best is measured again without the limit (its time
@@ -446,7 +447,8 @@ def run_grid(name: str, probe: TrainingProbe, grid: list[LoaderConfig], settings
         point = _measure(probe, config, window)
         point["skipped"], point["step_bound"] = False, limit
         points.append(point)
-        best = max(best, point["samples_per_second"])
+        if not point.get("cut_short"):  # a cut-short rate can flatter (a queue, no epoch end)
+            best = max(best, point["samples_per_second"])
         outcome = point["error"] or f"{point['samples_per_second']:,.0f}/s"
         cut = ", cut short" if point.get("cut_short") else ""
         log(f"[{name}] grid {i}/{len(grid)} {config.label()}: {outcome} "

@@ -173,8 +173,8 @@ class CutShortFirst:
     """Rates from a table; the first window of a ``slow`` configuration is cut short and reads
     low."""
 
-    def __init__(self, rates, slow):
-        self.rates, self.slow, self.calls = rates, slow, []
+    def __init__(self, rates, slow, factor=0.75):
+        self.rates, self.slow, self.factor, self.calls = rates, slow, factor, []
 
     def measure(self, config, window):
         from autoload import Measurement
@@ -182,7 +182,7 @@ class CutShortFirst:
         first = config not in self.calls
         self.calls.append(config)
         cut = first and window.time_limit is not None and config in self.slow
-        rate = self.rates[config] * (0.75 if cut else 1.0)
+        rate = self.rates[config] * (self.factor if cut else 1.0)
         return Measurement(rate, 0.0, 0.0, 1.0, int(rate), 4, 0.5, cut_short=cut)
 
 
@@ -201,6 +201,22 @@ def test_a_grid_point_cut_short_near_the_best_is_measured_again_whole():
     assert [p["samples_per_second"] for p in points] == [1000.0, 900.0, 225.0]
     assert points[0]["cut_short_first"]["samples_per_second"] == 750.0
     assert not points[0]["cut_short"] and points[2]["cut_short"]
+
+
+def test_a_cut_short_rate_that_reads_high_prunes_nothing():
+    from autoload import LoaderConfig
+
+    slow, other = LoaderConfig(512, 2, 4), LoaderConfig(64, 0)
+    # Cut short, slow reads 2x its 900/s; other's step alone bounds it at 1000/s, which only
+    # that flattered reading would put under 0.8 x the best.
+    probe = CutShortFirst({slow: 900.0, other: 950.0}, slow={slow}, factor=2.0)
+    settings = run.Settings(quick=True, tune_timeout=1, grid_window=0.1, final_window=0.1,
+                            rounds=1, point_deadline=10, exhaustive=False, batch_sizes=3,
+                            cpus=2, point_limit=4.0)
+    points, _ = run.run_grid("t", probe, [slow, other], settings,
+                             bound=lambda config, best: 1000.0)
+    assert not points[1]["skipped"] and points[1]["samples_per_second"] == 950.0
+    assert points[0]["samples_per_second"] == 900.0  # measured again whole: within 0.8 x
 
 
 def test_a_slow_warm_up_step_settles_the_step_bound():
