@@ -199,3 +199,14 @@ def test_made_share_judges_workers_only_while_they_had_work():
     assert _made_share([10, 10, 11, 12, 12], 0, 4, [False] * 3 + [True] * 2) == 2 / 3
     # Out of work before the span began: they were ahead of the step all along.
     assert _made_share([16, 16, 16], 0, 2, [True] * 3) == 1.0
+
+
+def test_a_cut_short_burst_of_whole_epochs_is_not_read_as_a_rate():
+    # 2 batches an epoch, made side by side by 2 workers in 0.4 s: at most 16 / 0.4 = 40/s.
+    # Cut short before an epoch's end, the two arrive together; timing the second from the
+    # first read thousands of samples/s. Only the time since the loader was built is safe.
+    probe = TrainingProbe(Slow(16, 0.05), device=CPU)
+    for _ in range(3):
+        m = probe.measure(LoaderConfig(8, 2, 2),
+                          Window(seconds=0.1, deadline=20, time_limit=0.2, abandon_below=1e6))
+        assert m.cut_short and 0 < m.samples_per_second <= 45

@@ -477,7 +477,6 @@ class TrainingProbe(Probe):
         it: Iterator[Any] = iter(loader)
         seen = samples = batches = 0
         startup = warmup_end = steady_start = last_step = 0.0
-        made_first = made_last = 0  # batches the workers had made at the first and last step
         wait = 0.0
         warming = True
         cut_short = False
@@ -523,14 +522,11 @@ class TrainingProbe(Probe):
                 got = clock()
                 step(batch)
                 stepped = last_step = clock()
-                if made is not None and warming:
-                    made_last = sum(made)
                 dog.raise_if_exceeded()
                 self._check_gpu_cap()
                 seen += 1
                 if seen == 1:
                     startup = got - start
-                    made_first = made_last
                     if window.time_limit is not None:
                         alarm.soft_in(window.time_limit - (clock() - got))
                 over_time = (window.time_limit is not None
@@ -582,6 +578,8 @@ class TrainingProbe(Probe):
                 count_made()
             if whole_epochs and len(epochs) >= 2:
                 first, last = epochs[0], epochs[-1]
+            elif whole_epochs:  # cut short before a whole epoch was measured
+                raise _OutOfTime
             else:
                 first, last = _steady_span(waits, (steady_start, 0, 0),
                                            (clock(), samples, batches))
@@ -597,13 +595,19 @@ class TrainingProbe(Probe):
             alarm.soft_off()
             cut_short, rate_cv = True, None
             # Up to the last step that ended: the batch in progress is neither counted nor timed.
-            if batches == 0:  # still warming up: measure what came after the first batch
-                batches = seen - 1
-                if made is not None:  # the workers' output, if the queue only drained
-                    batches = min(batches, made_last - made_first)
-                samples = batches * config.batch_size
+            warmup_end = warmup_end or clock()
+            if whole_epochs and epochs and batches > epochs[0][2]:
+                # Inside the second epoch: from the first one's end, the refill included.
+                steady_start = epochs[0][0]
+                samples, batches = samples - epochs[0][1], batches - epochs[0][2]
+            elif made is not None and (batches == 0 or whole_epochs):
+                # Workers make batches side by side and deliver them in bursts: with no epoch
+                # end to measure from, only the time since the loader was built is safe.
+                samples, batches = seen * config.batch_size, seen
+                steady_start = start
+            elif batches == 0:  # still warming up: measure what came after the first batch
+                samples, batches = (seen - 1) * config.batch_size, seen - 1
                 steady_start = start + startup
-                warmup_end = warmup_end or clock()
             elif len(produced) > batches:  # cut inside the steady window: as above
                 samples = round(samples * _made_share(produced, 0, batches, done))
             end = last_step
