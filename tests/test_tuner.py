@@ -227,3 +227,18 @@ def test_batch_sweep_steps_4x_in_the_direction_that_wins(clock, peak, swept):
     assert configs[2:2 + len(swept)] == [LoaderConfig(b, 0) for b in swept]
     assert configs[2 + len(swept)].num_workers == 1  # then the worker sweep
     assert result.config == LoaderConfig(peak, 0)
+
+
+def test_workers_are_swept_at_the_largest_batch_size_tied_at_zero_workers(clock):
+    # At num_workers=0 batch sizes 64 and 256 tie (1000/s, 990/s); workers pay off only at the
+    # larger batch size, where their per-batch hand-off is spread over more samples.
+    def rate(config):
+        if config.num_workers == 0:
+            return {64: 1000.0, 256: 990.0}.get(config.batch_size, 600.0)
+        return 1300.0 if config.batch_size == 256 else 700.0
+
+    result = _tune(clock, SurfaceProbe(clock, rate, noise=0.01), num_workers=[0, 1, 2])
+    configs = [t.config for t in result.trials]
+    sweep = [c for c in configs[2:] if c.num_workers > 0]
+    assert sweep[0].batch_size == 256
+    assert result.config.batch_size == 256 and result.config.num_workers > 0

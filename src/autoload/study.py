@@ -408,14 +408,16 @@ def _nearest(sizes: Sequence[int], target: float) -> int:
 
 
 def _worker_sweep(state: SearchState) -> list[LoaderConfig]:
+    """Worker counts at the batch size the batch sweep found best; among batch sizes within one
+    standard deviation of that, the largest: workers hand batches over one at a time, so a
+    larger batch pays that hand-off less often per sample."""
     space, ref = state.space, state.baselines[0]
     ok = [r for r in state._ok() if r.config.num_workers == ref.num_workers]
-    base = ok[0].config if ok else ref
-    known = state.measured.get(ref)
-    if ok and known is not None and known.state == "ok" and (
-        known.samples_per_second >= (1 - state.gap(2)) * ok[0].samples_per_second
-    ):
-        base = ref  # the best batch size is not clearly better than the defaults' (noise)
+    base = ref
+    if ok:
+        floor = (1 - state.gap(1)) * ok[0].samples_per_second
+        tied = [r for r in ok if r.samples_per_second >= floor]
+        base = max(tied, key=lambda r: r.config.batch_size).config
     prefetch = min(space.prefetch_factors, key=lambda p: (abs(p - 2), p))
     counts = {1, space.cpus, 2 * space.cpus, WORKERS_PER_CPU * space.cpus}
     return [dataclasses.replace(base, num_workers=w, prefetch_factor=prefetch)
