@@ -186,6 +186,9 @@ def test_workers_done_with_the_epoch_do_not_count_as_falling_behind():
     step = probe.step_rate(config, Window(seconds=0.2))
     m = probe.measure(config, Window(seconds=0.05, deadline=20))
     assert step is not None and m.samples_per_second == pytest.approx(step, rel=0.2)
+    # Once they have made the epoch, the rest of it is their stock, and the next one starts
+    # empty: the window spans whole epochs, from one's end to another's.
+    assert m.batches % 12 == 0 and not m.cut_short
 
 
 def test_made_share_judges_workers_only_while_they_had_work():

@@ -500,6 +500,12 @@ class TrainingProbe(Probe):
             while True:
                 if made is not None and not warming:
                     count_made()
+                    if done[-1] and not whole_epochs:
+                        # The workers have made the whole epoch: the step now eats their stock
+                        # alone (with the cores to itself), and the next epoch starts with an
+                        # empty queue. Only whole epochs, from one's end to another's, weigh
+                        # the two as a training run does.
+                        whole_epochs = True
                 fetch = clock()
                 batch = next(it, _END)
                 if batch is _END:  # epochs run back to back; persistent workers stay up
