@@ -184,10 +184,13 @@ def test_workers_done_with_the_epoch_do_not_count_as_falling_behind():
                           loss_fn=torch.nn.functional.cross_entropy)
     config = LoaderConfig(4, 2, 4)
     step = probe.step_rate(config, Window(seconds=0.2))
-    m = probe.measure(config, Window(seconds=0.05, deadline=20))
-    assert step is not None and m.samples_per_second == pytest.approx(step, rel=0.2)
-    # Once they have made the epoch, the rest of it is their stock, and the next one starts
-    # empty: the window spans whole epochs, from one's end to another's.
+    m = probe.measure(config, Window(seconds=0.3, deadline=20))
+    # The step's rate, less what each epoch's start costs (a round trip to the workers: up to
+    # a third of an epoch this short on a busy machine); the old count read a fifth of it.
+    assert step is not None and 0.6 * step <= m.samples_per_second <= 1.2 * step
+    # The window (15 steps) outlasts the 4 or more batches left of the first epoch after the
+    # warm-up, and by its end the workers have made it all. Then the rest of an epoch is their
+    # stock and the next starts empty: the window spans whole epochs, one's end to another's.
     assert m.batches % 12 == 0 and not m.cut_short
 
 
