@@ -180,21 +180,12 @@ def _epoch_batches(loader: DataLoader[Any]) -> float:
         return math.inf
 
 
-def _made_share(produced: Sequence[int], first: int, last: int,
-                done: Sequence[bool] = ()) -> float:
+def _made_share(produced: Sequence[int], first: int, last: int) -> float:
     """Of the batches consumed between steady batches ``first`` and ``last``, the share the
-    workers made meanwhile (at most 1); 1 without workers.
-
-    Workers that have made every batch of the epochs begun (``done``) make no more for want of
-    work, not of speed: the share is then taken up to the batch where they ran out of work, and
-    is 1 if they had already run out when the span began (they were ahead of the step all
-    along)."""
+    workers made meanwhile (at most 1); 1 without workers. (A span never runs past the point
+    where the workers had made the whole epoch: the window switches to whole epochs there.)"""
     if last <= first or len(produced) <= last:
         return 1.0
-    if len(done) > last and done[last]:
-        last = next(i for i in range(first, last + 1) if done[i])
-        if last == first:
-            return 1.0
     return min(1.0, (produced[last] - produced[first]) / (last - first))
 
 
@@ -483,12 +474,7 @@ class TrainingProbe(Probe):
         waits: list[_Point] = []  # where the steady fetches that waited on the workers began
         marks: list[tuple[float, int]] = []  # (time, samples so far) after each steady batch
         produced: list[int] = []  # batches the workers had made when each steady fetch began
-        done: list[bool] = []  # whether that was every batch of the epochs begun
         epoch_batches, epoch_starts = _epoch_batches(loader), 1
-
-        def count_made() -> None:
-            produced.append(sum(made))
-            done.append(produced[-1] >= epoch_starts * epoch_batches)
         epochs: list[_Point] = []  # where the epochs begun since the steady window began
         whole_epochs = made is not None and epoch_batches <= (
             config.num_workers * (config.prefetch_factor or 2))
@@ -499,8 +485,8 @@ class TrainingProbe(Probe):
         try:
             while True:
                 if made is not None and not warming:
-                    count_made()
-                    if done[-1] and not whole_epochs:
+                    produced.append(sum(made))
+                    if not whole_epochs and produced[-1] >= epoch_starts * epoch_batches:
                         # The workers have made the whole epoch: the step now eats their stock
                         # alone (with the cores to itself), and the next epoch starts with an
                         # empty queue. Only whole epochs, from one's end to another's, weigh
@@ -581,7 +567,7 @@ class TrainingProbe(Probe):
                     break
             self._sync()
             if made is not None:
-                count_made()
+                produced.append(sum(made))
             if whole_epochs and len(epochs) >= 2:
                 first, last = epochs[0], epochs[-1]
             elif whole_epochs:  # cut short before a whole epoch was measured
@@ -593,7 +579,7 @@ class TrainingProbe(Probe):
             samples, batches = last[1] - first[1], last[2] - first[2]
             # Batches taken from the workers' queue faster than they make new ones only drain
             # it, which cannot last: count what the workers made in the span when that is less.
-            samples = round(samples * _made_share(produced, first[2], last[2], done))
+            samples = round(samples * _made_share(produced, first[2], last[2]))
             marks = [(t, s - first[1]) for t, s in marks[first[2]:last[2]]]
             rate_cv = None if cut_short else window_cv(steady_start, marks,
                                                        min_block=config.num_workers)
@@ -615,7 +601,7 @@ class TrainingProbe(Probe):
                 samples, batches = (seen - 1) * config.batch_size, seen - 1
                 steady_start = start + startup
             elif len(produced) > batches:  # cut inside the steady window: as above
-                samples = round(samples * _made_share(produced, 0, batches, done))
+                samples = round(samples * _made_share(produced, 0, batches))
             end = last_step
             if batches <= 0:  # not even a second batch in time: the first, start-up included
                 samples, batches, steady_start, end = config.batch_size, 1, start, clock()
