@@ -3,7 +3,7 @@
     python benchmarks/run.py [--cases a,b,...] [--quick] [--json benchmarks/results.json]
                              [--device cpu|cuda] [--tune-timeout 30] [--grid-window 0.6]
                              [--final-window 2.5] [--rounds 3] [--extra-rounds 3]
-                             [--point-limit 4] [--max-grid-workers K] [--reuse-grid PATH]
+                             [--point-limit 2.5] [--max-grid-workers K] [--reuse-grid PATH]
 
 For each case (``benchmarks/cases/``): measure every point of the grid once (``grid.py``), or take
 it from an earlier run's JSON (``--reuse-grid``), run ``autoload.tune``, then re-measure the
@@ -534,16 +534,23 @@ def remeasure(name: str, probe: TrainingProbe, roles: dict[str, LoaderConfig],
     return rows
 
 
+def rates_by_config(rows: list[dict[str, Any]]) -> dict[LoaderConfig, list[float]]:
+    """The re-measured rates of each configuration, in the order measured."""
+    rates: dict[LoaderConfig, list[float]] = {}
+    for row in rows:
+        rates.setdefault(LoaderConfig.from_dict(row["config"]), []).append(
+            row["samples_per_second"])
+    return rates
+
+
 def oracle_undecided(roles: dict[str, LoaderConfig], rows: list[dict[str, Any]]) -> bool:
     """Whether the tuner/oracle target lies within the noise of the ratio measured so far:
     the ratio of medians, give or take the larger relative half-range of the two."""
     tuner, oracle = roles.get("tuner"), roles.get("oracle")
     if tuner is None or oracle is None or tuner == oracle:
         return False
-    mine = spread([r["samples_per_second"] for r in rows
-                   if LoaderConfig.from_dict(r["config"]) == tuner])
-    best = spread([r["samples_per_second"] for r in rows
-                   if LoaderConfig.from_dict(r["config"]) == oracle])
+    rates = rates_by_config(rows)
+    mine, best = spread(rates.get(tuner, [])), spread(rates.get(oracle, []))
     if mine["median"] <= 0 or best["median"] <= 0:
         return False
     ratio = mine["median"] / best["median"]
@@ -575,10 +582,7 @@ def _ratio(a: float, b: float) -> float | None:
 def evaluate(roles: dict[str, LoaderConfig], rows: list[dict[str, Any]], tune_wall: float,
              grid_wall: float) -> dict[str, Any]:
     """Medians, ratios and the three targets."""
-    rates: dict[LoaderConfig, list[float]] = {}
-    for row in rows:
-        rates.setdefault(LoaderConfig.from_dict(row["config"]), []).append(
-            row["samples_per_second"])
+    rates = rates_by_config(rows)
     spreads = {role: spread(rates.get(config, [])) for role, config in roles.items()}
     zero = spread([])
     tuner, oracle = spreads.get("tuner", zero), spreads.get("oracle", zero)
