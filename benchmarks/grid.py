@@ -144,5 +144,6 @@ def build_grid(batch_sizes: Sequence[int], workers: Sequence[int], *, has_model:
             for w in workers:
                 for prefetch in (prefetch_factors if w > 0 else (None,)):
                     for pin in pin_memory:
-                        grid.append(LoaderConfig(batch, w, prefetch, pin, amp))
+                        grid.append(LoaderConfig(batch, num_workers=w, prefetch_factor=prefetch,
+                                                 pin_memory=pin, amp=amp))
     return grid

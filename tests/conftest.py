@@ -72,10 +72,131 @@ class SurfaceProbe(Probe):
         blocks = true * (1 + self.rng.normal(0, self.noise * math.sqrt(8 / window.seconds), 8))
         rate = float(blocks.mean())
         rate_cv = float(blocks.std(ddof=1) / rate / math.sqrt(8))
-        return Measurement(rate, 0.05, 0.1, window.seconds, int(rate * window.seconds), 10,
-                           self.wait, 100 << 20, rate_cv=rate_cv)
+        return Measurement(samples_per_second=rate, startup_seconds=0.05, warmup_seconds=0.1,
+                           seconds=window.seconds, samples=int(rate * window.seconds),
+                           batches=10, data_wait_fraction=self.wait, peak_host_bytes=100 << 20,
+                           rate_cv=rate_cv)
 
 
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+class PipelineProbe(Probe):
+    """A simulated loading pipeline with known costs, measured with noise on a fake clock.
+
+    The true rate is not the tuner's own model: bounds combine as a hard minimum, the workers
+    stretch by the cores they share, ``prefetch_factor=1`` loses a tenth, and every epoch
+    starts with one worker-batch of bubble plus a round trip per worker. Measurements report
+    the costs a real probe would, so the planner's model has something to learn from.
+    """
+
+    def __init__(self, clock: FakeClock, *, n: int = 4096, cpu: float = 0.0,
+                 wait: float = 0.0, step_fixed: float = 2e-4, step_per_sample: float = 5e-6,
+                 handoff: float = 3e-4, worker_fixed: float = 2e-4, cores: int = 2,
+                 noise: float = 0.01, seed: int = 0, overhead: float = 0.2) -> None:
+        self.clock, self.n, self.cpu, self.wait = clock, n, cpu, wait
+        self.step_fixed, self.step_per_sample = step_fixed, step_per_sample
+        self.handoff, self.worker_fixed, self.cores = handoff, worker_fixed, cores
+        self.noise, self.overhead = noise, overhead
+        self.rng = np.random.default_rng(seed)
+        self.calls: list[LoaderConfig] = []
+
+    def parts(self, config: LoaderConfig) -> dict[str, float]:
+        bs, w = config.batch_size, config.num_workers
+        step = self.step_fixed + self.step_per_sample * bs
+        fetch_cpu, fetch_wait = bs * self.cpu + 5e-5, bs * self.wait
+        epoch = math.ceil(self.n / bs)
+        if w == 0:
+            per_batch, start = fetch_cpu + fetch_wait + step, 1e-4
+            worker_cpu, receive = 0.0, fetch_cpu
+        else:
+            active = min(w, epoch)
+            worker_cpu = fetch_cpu + self.worker_fixed
+            demand = worker_cpu + step + self.handoff
+            x = min(active / (fetch_wait + worker_cpu), 1 / (step + self.handoff))
+            if x * demand > self.cores:
+                x = self.cores / demand
+            if config.prefetch_factor == 1:
+                x *= 0.9
+            per_batch = 1 / x
+            start = fetch_wait + worker_cpu * max(1.0, active / self.cores) + 2e-3 * w
+            receive = self.handoff
+        return {"per_batch": per_batch, "start": start, "epoch": epoch, "step": step,
+                "fetch_cpu": fetch_cpu, "fetch": fetch_cpu + fetch_wait if w == 0 else receive,
+                "worker_cpu": worker_cpu, "receive": receive}
+
+    def rate(self, config: LoaderConfig) -> float:
+        p = self.parts(config)
+        return self.n / (p["epoch"] * p["per_batch"] + p["start"])
+
+    def measure(self, config: LoaderConfig, window: Window) -> Measurement:
+        from autoload import Costs
+
+        self.calls.append(config)
+        self.clock.now += window.seconds + self.overhead + 0.05 * config.num_workers
+        p = self.parts(config)
+        rate = self.rate(config) * (1 + self.rng.normal(0, self.noise))
+        costs = Costs(
+            batch_seconds=p["per_batch"], fetch_seconds=p["fetch"],
+            fetch_cpu_seconds=p["fetch_cpu"] if config.num_workers == 0 else p["receive"],
+            step_seconds=p["step"],
+            main_cpu_seconds=(p["fetch_cpu"] if config.num_workers == 0 else p["receive"])
+            + p["step"],
+            worker_cpu_seconds=p["worker_cpu"] if config.num_workers else None,
+            boundary_seconds=p["start"], batch_bytes=64 * config.batch_size,
+        )
+        return Measurement(samples_per_second=rate, seconds=window.seconds,
+                           samples=int(rate * window.seconds), batches=10,
+                           data_wait_fraction=0.3, peak_host_bytes=100 << 20,
+                           rate_cv=self.noise / 3, costs=costs)
+
+
+DEFAULTS = LoaderConfig(64)
+RECIPE = LoaderConfig(64, num_workers=2, prefetch_factor=2)
+MEMORY_REASON = "host memory 9.0 GiB crossed the cap 8.0 GiB"
+
+
+def build_result(winner: LoaderConfig, *, infeasible: int = 1, **changes):
+    """A TuneResult with ``winner`` at 3,000/s, the defaults at 1,000/s and the recipe at
+    1,500/s; ``infeasible`` trials over the memory cap, one failed and one repeated trial."""
+    from dataclasses import replace
+
+    from autoload import FinalistRecord, TrialRecord, TuneResult
+
+    def ok(number, config, rate, startup, wait, memory):
+        return TrialRecord(number=number, config=config, state="ok", samples_per_second=rate,
+                           startup_seconds=startup, data_wait_fraction=wait,
+                           peak_host_bytes=memory)
+
+    trials = [ok(0, DEFAULTS, 1000.0, 0.01, 0.5, 100 << 20), ok(1, RECIPE, 1500.0, 0.4, 0.1,
+                                                                 300 << 20),
+              ok(2, winner, 3000.0, 0.3, 0.05, 250 << 20)]
+    for k in range(infeasible):
+        trials.append(TrialRecord(number=len(trials), state="infeasible", reason=MEMORY_REASON,
+                                  config=LoaderConfig(1024 - 64 * k, num_workers=2,
+                                                      prefetch_factor=8)))
+    trials.append(TrialRecord(number=len(trials), config=LoaderConfig(8, num_workers=1,
+                                                                      prefetch_factor=1),
+                              state="failed", reason="ValueError: bad sample"))
+    trials.append(TrialRecord(number=len(trials), config=DEFAULTS, state="repeat",
+                              samples_per_second=1000.0))
+
+    def finalist(config, rates, role, startup, memory, wait):
+        return FinalistRecord(config=config, rates=rates, role=role, startup_seconds=startup,
+                              peak_host_bytes=memory, data_wait_fraction=wait)
+
+    finalists = (
+        finalist(winner, (2900.0, 3000.0, 3100.0), "candidate", 0.3, 250 << 20, 0.05),
+        finalist(RECIPE, (1450.0, 1500.0, 1550.0), "recipe", 0.4, 300 << 20, 0.1),
+        finalist(DEFAULTS, (990.0, 1000.0, 1010.0), "defaults", 0.01, 100 << 20, 0.5),
+    )
+    result = TuneResult(
+        config=winner, loader_kwargs=winner.loader_kwargs(), amp=winner.amp,
+        samples_per_second=3000.0, baselines={"defaults": 1000.0, "recipe": 1500.0},
+        finalists=finalists, trials=tuple(trials), device="cpu", samples_per_epoch=240,
+        elapsed_seconds=12.5, space_size=104,
+        notes=("pin_memory stays False: it only helps copies to a CUDA device.",),
+    )
+    return replace(result, **changes)

@@ -1,6 +1,5 @@
 """The benchmark's grid helpers, its case modules, and one quick run of `benchmarks/run.py`."""
 
-import importlib.util
 import itertools
 import json
 import math
@@ -11,19 +10,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCH) not in sys.path:  # the benchmark's modules import each other by name
+    sys.path.insert(0, str(BENCH))
 
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-grid = _load("benchmark_grid", BENCH / "grid.py")
+import compare  # noqa: E402
+import grid  # noqa: E402
+import oracle  # noqa: E402
+import settings  # noqa: E402
+import workloads  # noqa: E402
 
 
 def _cost(picked, candidates):
@@ -91,17 +88,10 @@ def test_grid_size_and_order():
 
 
 @pytest.fixture
-def cases(monkeypatch):
-    """The `cases` package, imported with `benchmarks/` on sys.path; sys.path and the modules it
-    imported (`cases.*`, the example it reuses) are restored afterwards."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    before = set(sys.modules)
-    try:
-        yield importlib.import_module("cases")
-    finally:
-        for name in set(sys.modules) - before:
-            if name.split(".")[0] in ("cases", "synthetic_images"):
-                del sys.modules[name]
+def cases():
+    import cases
+
+    return cases
 
 
 def test_case_modules_follow_the_contract(cases):
@@ -148,9 +138,6 @@ def test_quick_run_writes_the_json(tmp_path):
     assert summary["verdict"].startswith(("PASS", "FAIL"))
 
 
-run = _load("benchmark_run", BENCH / "run.py")
-
-
 def _rows(config, rates):
     return [{"config": config.to_dict(), "samples_per_second": r} for r in rates]
 
@@ -158,15 +145,20 @@ def _rows(config, rates):
 def test_extra_rounds_only_while_the_oracle_target_is_within_noise():
     from autoload import LoaderConfig
 
-    tuner, oracle = LoaderConfig(16, 0), LoaderConfig(64, 2, 2)
-    roles = {"tuner": tuner, "oracle": oracle, "defaults": oracle, "recipe": oracle}
-    wide = _rows(tuner, [960, 900, 1000]) + _rows(oracle, [1000, 950, 1050])  # 0.96 +- 5%
-    assert run.oracle_undecided(roles, wide)
-    narrow = _rows(tuner, [960, 955, 965]) + _rows(oracle, [1000, 995, 1005])  # 0.96 +- 0.5%
-    assert not run.oracle_undecided(roles, narrow)
-    far = _rows(tuner, [700, 650, 750]) + _rows(oracle, [1000, 950, 1050])  # 0.7 +- 7%
-    assert not run.oracle_undecided(roles, far)
-    assert not run.oracle_undecided({**roles, "tuner": oracle}, wide)
+    tuner, best = LoaderConfig(16), LoaderConfig(64, num_workers=2, prefetch_factor=2)
+    roles = {"tuner": tuner, "oracle": best, "defaults": best, "recipe": best}
+    wide = _rows(tuner, [960, 900, 1000]) + _rows(best, [1000, 950, 1050])  # 0.96 +- 5%
+    assert compare.oracle_undecided(roles, wide)
+    narrow = _rows(tuner, [960, 955, 965]) + _rows(best, [1000, 995, 1005])  # 0.96 +- 0.5%
+    assert not compare.oracle_undecided(roles, narrow)
+    far = _rows(tuner, [700, 650, 750]) + _rows(best, [1000, 950, 1050])  # 0.7 +- 7%
+    assert not compare.oracle_undecided(roles, far)
+    assert not compare.oracle_undecided({**roles, "tuner": best}, wide)
+
+
+QUICK = settings.Settings(quick=True, tune_timeout=1, grid_window=0.1, final_window=0.1,
+                          rounds=1, point_deadline=10, exhaustive=False, batch_sizes=3, cpus=2,
+                          point_limit=4.0)
 
 
 class CutShortFirst:
@@ -183,18 +175,17 @@ class CutShortFirst:
         self.calls.append(config)
         cut = first and window.time_limit is not None and config in self.slow
         rate = self.rates[config] * (self.factor if cut else 1.0)
-        return Measurement(rate, 0.0, 0.0, 1.0, int(rate), 4, 0.5, cut_short=cut)
+        return Measurement(samples_per_second=rate, seconds=1.0, samples=int(rate), batches=4,
+                           data_wait_fraction=0.5, cut_short=cut)
 
 
 def test_a_grid_point_cut_short_near_the_best_is_measured_again_whole():
     from autoload import LoaderConfig
 
-    slow, near, far = LoaderConfig(1024, 1, 2), LoaderConfig(8, 0), LoaderConfig(1024, 0)
+    slow, near = LoaderConfig(1024, num_workers=1, prefetch_factor=2), LoaderConfig(8)
+    far = LoaderConfig(1024)
     probe = CutShortFirst({slow: 1000.0, near: 900.0, far: 300.0}, slow={slow, far})
-    settings = run.Settings(quick=True, tune_timeout=1, grid_window=0.1, final_window=0.1,
-                            rounds=1, point_deadline=10, exhaustive=False, batch_sizes=3,
-                            cpus=2, point_limit=4.0)
-    points, _ = run.run_grid("t", probe, [slow, near, far], settings)
+    points, _ = oracle.run_grid("t", probe, [slow, near, far], QUICK)
     # Cut short, slow read 750/s, under near's 900 but within 0.8 x: measured again whole it is
     # the best; far (225/s cut short, under 0.8 x the best either way) is left as it was.
     assert probe.calls == [slow, near, far, slow]
@@ -206,14 +197,11 @@ def test_a_grid_point_cut_short_near_the_best_is_measured_again_whole():
 def test_a_cut_short_rate_that_reads_high_prunes_nothing():
     from autoload import LoaderConfig
 
-    slow, other = LoaderConfig(512, 2, 4), LoaderConfig(64, 0)
+    slow, other = LoaderConfig(512, num_workers=2, prefetch_factor=4), LoaderConfig(64)
     # Cut short, slow reads 2x its 900/s; other's step alone bounds it at 1000/s, which only
     # that flattered reading would put under 0.8 x the best.
     probe = CutShortFirst({slow: 900.0, other: 950.0}, slow={slow}, factor=2.0)
-    settings = run.Settings(quick=True, tune_timeout=1, grid_window=0.1, final_window=0.1,
-                            rounds=1, point_deadline=10, exhaustive=False, batch_sizes=3,
-                            cpus=2, point_limit=4.0)
-    points, _ = run.run_grid("t", probe, [slow, other], settings,
+    points, _ = oracle.run_grid("t", probe, [slow, other], QUICK,
                              bound=lambda config, best: 1000.0)
     assert not points[1]["skipped"] and points[1]["samples_per_second"] == 950.0
     assert points[0]["samples_per_second"] == 900.0  # measured again whole: within 0.8 x
@@ -234,8 +222,42 @@ def test_a_slow_warm_up_step_settles_the_step_bound():
     data = torch.utils.data.TensorDataset(torch.zeros(8, 2), torch.zeros(8, dtype=torch.long))
     loss = torch.nn.functional.cross_entropy
     # A 2 s warm-up step is interrupted after 1 s: even 3 x 8 samples / 1 s is under 1000/s.
-    rate, warmup_only = run.step_bound(Sleepy(2.0), loss, data, 8, None, 0.1, below=1000.0)
+    rate, warmup_only = oracle.step_bound(Sleepy(2.0), loss, data, 8, None, 0.1, below=1000.0)
     assert warmup_only and rate == pytest.approx(3 * 8 / 1.0, rel=0.1)
     # Not below the threshold: the steps are timed as usual.
-    rate, warmup_only = run.step_bound(Sleepy(1.1), loss, data, 8, None, 0.1, below=1.0)
+    rate, warmup_only = oracle.step_bound(Sleepy(1.1), loss, data, 8, None, 0.1, below=1.0)
     assert not warmup_only and rate == pytest.approx(8 / 1.1, rel=0.1)
+
+
+def test_random_workloads_are_drawn_from_the_seed_and_are_real_work():
+    first, again = workloads.draw(6, seed=3), workloads.draw(6, seed=3)
+    assert first == again and first != workloads.draw(6, seed=4)
+    for spec in first:
+        assert 500 <= spec.n <= 50_000 and spec.n % 100 == 0  # divisors exist in [8, 1024]
+        assert 0 <= spec.cpu_ms <= 2 and 0 <= spec.wait_ms <= 5
+        assert 1 << 10 <= spec.item_bytes <= 1 << 20
+    spec = workloads.Spec(name="t", n=500, cpu_ms=1.0, wait_ms=0.0, item_bytes=4096,
+                          model_mflops=2.0)
+    data = workloads.RandomItems(spec)
+    began = time.thread_time()
+    for i in range(20):
+        x, y = data[i]
+    per_item = (time.thread_time() - began) / 20
+    assert 0.4e-3 < per_item < 3e-3  # about the 1 ms of CPU drawn
+    assert x.shape == (1024,) and x.dtype.is_floating_point
+    model = workloads.make_model(spec)
+    assert model(torch.stack([data[0][0], data[1][0]])).shape == (2, 10)
+    x2, _ = pickle.loads(pickle.dumps(data))[3]  # worker processes unpickle it
+    assert x2.shape == x.shape
+
+
+def test_the_random_verdict_needs_the_median_and_every_workload():
+    def case(ratio):
+        return {"spec": {"n": 500}, "summary": {"tuner_over_oracle": ratio,
+                                                "targets": {"defaults": True, "recipe": True}}}
+
+    good = compare.distribution({f"r{i}": case(r) for i, r in enumerate([0.95, 0.98, 1.0])})
+    assert good["verdict"] == "PASS" and good["median"] == 0.98
+    low = compare.distribution({f"r{i}": case(r) for i, r in enumerate([0.89, 0.98, 1.0])})
+    assert low["verdict"] == "FAIL"
+    assert compare.distribution({"a_inmemory": {"summary": {}}}) is None

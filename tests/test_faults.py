@@ -26,8 +26,8 @@ CPU = torch.device("cpu")
 def test_hung_worker_is_bounded_by_the_deadline():
     start = time.monotonic()
     with pytest.raises(Exception, match="timed out|deadline"):
-        TrainingProbe(Hangs(64), device=CPU).measure(LoaderConfig(16, 1, 1),
-                                                     Window(0.2, deadline=1.5))
+        TrainingProbe(Hangs(64), device=CPU).measure(
+            LoaderConfig(16, num_workers=1, prefetch_factor=1), Window(seconds=0.2, deadline=1.5))
     assert time.monotonic() - start < 10
     assert not worker_processes()
 
@@ -132,7 +132,7 @@ def test_user_state_survives_a_trial_that_raises_mid_window():
     probe = TrainingProbe(InterruptsAfter(64, after=40), device=CPU, model=net,
                           loss_fn=nn.functional.cross_entropy)
     with pytest.raises(KeyboardInterrupt):
-        probe.measure(LoaderConfig(16), Window(5))
+        probe.measure(LoaderConfig(16), Window(seconds=5))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     assert os.getpid() == psutil.Process().pid
 

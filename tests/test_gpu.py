@@ -33,4 +33,4 @@ def test_gpu_memory_cap_makes_trials_infeasible():
     probe = TrainingProbe(Indexed(512), device=torch.device("cuda"), model=net,
                           loss_fn=nn.functional.cross_entropy, gpu_memory_cap=1 << 20)
     with pytest.raises(MemoryCapExceeded, match="GPU"):
-        probe.measure(LoaderConfig(256, amp="float16"), Window(0.2))
+        probe.measure(LoaderConfig(256, amp="float16"), Window(seconds=0.2))

@@ -9,9 +9,8 @@ from torch.utils.data import TensorDataset
 
 import autoload
 from autoload import LoaderConfig, Measurement, Probe, Window, build_space
-from autoload.study import (
-    FINAL_SHARE_MAX,
-    MARGIN,
+from autoload.budget import FINAL_SHARE_MAX, MARGIN, Budget
+from autoload.search import (
     MIN_SEARCH_TRIALS,
     PILOT_RUNS,
     SEARCH_CV,
@@ -22,6 +21,8 @@ from autoload.study import (
 from conftest import SurfaceProbe
 
 DATA = TensorDataset(torch.zeros(1024, 2))
+SMALL, SMALL_W = LoaderConfig(64), LoaderConfig(64, num_workers=2, prefetch_factor=4)
+LARGE, LARGE_W = LoaderConfig(256), LoaderConfig(256, num_workers=2, prefetch_factor=4)
 
 
 # The longest window for a 60 s budget: 2x the default (1 s), unless the search would then hold
@@ -79,14 +80,15 @@ class GivenRates(Probe):
 
     def measure(self, config: LoaderConfig, window: Window) -> Measurement:
         rate = next(self.rates)
-        return Measurement(rate, 0.0, 0.0, window.seconds, int(rate), 10, 0.5)
+        return Measurement(samples_per_second=rate, seconds=window.seconds, samples=int(rate),
+                           batches=10, data_wait_fraction=0.5)
 
 
 def _state(probe, seconds=0.5, budget=30.0, n_finalists=3):
     space = build_space(1024, device_type="cpu", has_model=False, cpus=2)
-    return SearchState(space, probe, window=Window(seconds=seconds), clock=lambda: 0.0,
-                       start=0.0, budget=budget, n_trials=None, progress=None,
-                       n_finalists=n_finalists, final_rounds=3)
+    return SearchState(space, probe, window=Window(seconds=seconds),
+                       budget=Budget(budget, start=0.0, clock=lambda: 0.0), n_trials=None,
+                       progress=None, n_finalists=n_finalists, final_rounds=3)
 
 
 def test_pilot_measured_three_times_estimates_run_to_run_noise():
@@ -95,9 +97,9 @@ def test_pilot_measured_three_times_estimates_run_to_run_noise():
     assert PILOT_RUNS == 3
     assert record.samples_per_second == 105.0  # the windows' mean is the trial's record
     # stdev(100, 110, 105) = 5: 4.8% a 0.5 s window, so 3.4% for one second of measuring.
-    assert state.pilot_noise == pytest.approx(5 / 105 * math.sqrt(0.5))
+    assert state.noise.pilot == pytest.approx(5 / 105 * math.sqrt(0.5))
     # No window showed its own spread: the pilot's is the estimate, and it sizes the windows.
-    assert state.noise() == state.pilot_noise
+    assert state.noise.per_second == state.noise.pilot
     # It asks for (3.4% / 3%)^2 = 1.3 s windows; a 30 s budget allows up to 2 x 0.5 s.
     assert state.window.seconds == 1.0
 
@@ -122,7 +124,8 @@ class Fixed(Probe):
         self.clock.now += window.seconds + 0.1
         self.n += 1
         rate = self.rates(config) * (1 + self.spread * (-1) ** self.n)
-        return Measurement(rate, 0.0, 0.0, window.seconds, int(rate), 10, 0.5, rate_cv=0.001)
+        return Measurement(samples_per_second=rate, seconds=window.seconds, samples=int(rate),
+                           batches=10, data_wait_fraction=0.5, rate_cv=0.001)
 
 
 def _fixed_surface(winner, edge):
@@ -130,23 +133,23 @@ def _fixed_surface(winner, edge):
     def rate(config):
         if config == winner:
             return 1000.0 * (1 + edge)
-        return 1000.0 if config == LoaderConfig(256, 0) else 500.0
+        return 1000.0 if config == LARGE else 500.0
     return rate
 
 
 @pytest.mark.parametrize(("edge", "simple_wins"), [(0.005, True), (0.04, False)])
 def test_a_simpler_finalist_within_noise_wins_but_not_beyond(clock, edge, simple_wins):
-    complex_ = LoaderConfig(256, 2, 4)
+    complex_ = LARGE_W
     probe = Fixed(clock, _fixed_surface(complex_, edge))
     result = _tune(clock, probe, batch_size=[64, 256], num_workers=[0, 2], prefetch_factor=4)
-    assert {f.config for f in result.finalists} >= {complex_, LoaderConfig(256, 0)}
-    assert result.config == (LoaderConfig(256, 0) if simple_wins else complex_)
+    assert {f.config for f in result.finalists} >= {complex_, LARGE}
+    assert result.config == (LARGE if simple_wins else complex_)
     assert any("counted as tied" in note for note in result.notes)
 
 
 def _close_and_far(config):
     """Two close leaders (bs=256: 1000/s at 0 workers, 980/s at 2), everything else 500/s."""
-    return {LoaderConfig(256, 0): 1000.0, LoaderConfig(256, 2, 4): 980.0}.get(config, 500.0)
+    return {LARGE: 1000.0, LARGE_W: 980.0}.get(config, 500.0)
 
 
 class Alternating(Fixed):
@@ -160,7 +163,8 @@ class Alternating(Fixed):
         self.clock.now += window.seconds + 0.1
         k = self.seen[config] = self.seen.get(config, 0) + 1
         rate = self.rates(config) * (1 + self.spread * (-1) ** k)
-        return Measurement(rate, 0.0, 0.0, window.seconds, int(rate), 10, 0.5, rate_cv=0.001)
+        return Measurement(samples_per_second=rate, seconds=window.seconds, samples=int(rate),
+                           batches=10, data_wait_fraction=0.5, rate_cv=0.001)
 
 
 def test_finalists_clearly_behind_drop_out_and_close_ones_get_extra_rounds(clock):
@@ -169,8 +173,8 @@ def test_finalists_clearly_behind_drop_out_and_close_ones_get_extra_rounds(clock
     rates = {f.config: len(f.rates) for f in result.finalists}
     # The 500/s ones (defaults, recipe) stop after two rounds; the two leaders go on past the
     # three planned rounds with the time that frees, within the budget.
-    assert rates[LoaderConfig(64, 0)] == 2 and rates[LoaderConfig(64, 2, 4)] == 2
-    assert rates[LoaderConfig(256, 0)] > 3 and rates[LoaderConfig(256, 2, 4)] > 3
+    assert rates[SMALL] == 2 and rates[SMALL_W] == 2
+    assert rates[LARGE] > 3 and rates[LARGE_W] > 3
     assert result.elapsed_seconds <= 60
     assert any("clearly behind" in note for note in result.notes)
 
@@ -180,14 +184,14 @@ def test_without_a_budget_the_final_keeps_its_planned_rounds(clock):
     result = _tune(clock, probe, batch_size=[64, 256], num_workers=[0, 2], prefetch_factor=4,
                    timeout=None, n_trials=8)
     rates = {f.config: len(f.rates) for f in result.finalists}
-    assert rates[LoaderConfig(256, 0)] == 3 and rates[LoaderConfig(64, 0)] == 2
+    assert rates[LARGE] == 3 and rates[SMALL] == 2
 
 
 def test_noise_keeps_a_finalist_it_could_explain_in_the_race(clock):
     # Windows alternate +-10% (a CV of 0.14): even 800/s against 1000/s is within 4 sigma of
     # the difference, so neither leader is dropped.
-    rates = {LoaderConfig(256, 0): 1000.0, LoaderConfig(256, 2, 4): 800.0}
+    rates = {LARGE: 1000.0, LARGE_W: 800.0}
     probe = Alternating(clock, lambda c: rates.get(c, 300.0), spread=0.1)
     result = _tune(clock, probe, batch_size=[64, 256], num_workers=[0, 2], prefetch_factor=4)
     counts = {f.config: len(f.rates) for f in result.finalists}
-    assert counts[LoaderConfig(256, 2, 4)] == counts[LoaderConfig(256, 0)] >= 3
+    assert counts[LARGE_W] == counts[LARGE] >= 3

@@ -11,45 +11,16 @@ import torch
 from rich.console import Console
 from torch.utils.data import DataLoader, TensorDataset
 
-from autoload import FinalistRecord, LoaderConfig, TrialRecord, TuneResult
+from autoload import FinalistRecord, LoaderConfig, TuneResult
 from autoload.report import render_report, snippet
 
+from conftest import DEFAULTS, MEMORY_REASON, RECIPE, build_result
+
 WINNER = LoaderConfig(batch_size=48, num_workers=2, prefetch_factor=4)
-DEFAULTS = LoaderConfig(batch_size=64)
-RECIPE = LoaderConfig(batch_size=64, num_workers=2, prefetch_factor=2)
-MEMORY_REASON = "host memory 9.0 GiB crossed the cap 8.0 GiB"
 
 
 def make_result(**changes) -> TuneResult:
-    trials = (
-        TrialRecord(0, DEFAULTS, "ok", 1000.0),
-        TrialRecord(1, RECIPE, "ok", 1500.0),
-        TrialRecord(2, WINNER, "ok", 3000.0),
-        TrialRecord(3, LoaderConfig(1024, 2, 8), "infeasible", reason=MEMORY_REASON),
-        TrialRecord(4, LoaderConfig(960, 2, 8), "infeasible", reason=MEMORY_REASON),
-        TrialRecord(5, LoaderConfig(8, 1, 1), "failed", reason="ValueError: bad sample"),
-        TrialRecord(6, DEFAULTS, "repeat", 1000.0),
-    )
-    finalists = (
-        FinalistRecord(WINNER, (2900.0, 3000.0, 3100.0), "candidate", 0.3, 250 << 20, None, 0.05),
-        FinalistRecord(RECIPE, (1450.0, 1500.0, 1550.0), "recipe", 0.4, 300 << 20, None, 0.1),
-        FinalistRecord(DEFAULTS, (990.0, 1000.0, 1010.0), "defaults", 0.01, 100 << 20, None, 0.5),
-    )
-    result = TuneResult(
-        config=WINNER,
-        loader_kwargs=WINNER.loader_kwargs(),
-        amp=None,
-        samples_per_second=3000.0,
-        baselines={"defaults": 1000.0, "recipe": 1500.0},
-        finalists=finalists,
-        trials=trials,
-        device="cpu",
-        samples_per_epoch=240,
-        elapsed_seconds=12.5,
-        space_size=104,
-        notes=("pin_memory stays False: it only helps copies to a CUDA device.",),
-    )
-    return replace(result, **changes)
+    return build_result(WINNER, infeasible=2, **changes)
 
 
 def render(result: TuneResult) -> str:
@@ -72,7 +43,7 @@ def test_report_names_the_winner_and_both_baselines():
 
 def test_report_winner_row_with_amp():
     config = replace(WINNER, amp="bfloat16")
-    finalists = (FinalistRecord(config, (3000.0,)),) + make_result().finalists[1:]
+    finalists = (FinalistRecord(config=config, rates=(3000.0,)),) + make_result().finalists[1:]
     text = render(make_result(config=config, loader_kwargs=config.loader_kwargs(),
                               amp="bfloat16", finalists=finalists))
     # the configuration column may fold a long label over two lines at 80 columns
@@ -112,7 +83,7 @@ def test_report_without_a_baseline_omits_its_line():
 
 def test_report_drop_last_line():
     config = LoaderConfig(batch_size=64, drop_last=True)
-    finalists = (FinalistRecord(config, (1000.0, 1000.0), "defaults"),)
+    finalists = (FinalistRecord(config=config, rates=(1000.0, 1000.0), role="defaults"),)
     result = make_result(config=config, loader_kwargs=config.loader_kwargs(), amp=None,
                          samples_per_epoch=1009, finalists=finalists)
     text = render(result)

@@ -4,48 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from autoload import FinalistRecord, LoaderConfig, ResultFileError, TrialRecord, TuneResult
+from autoload import LoaderConfig, ResultFileError, TuneResult
+
+from conftest import DEFAULTS, build_result
 
 WINNER = LoaderConfig(batch_size=48, num_workers=2, prefetch_factor=4, amp="bfloat16")
-DEFAULTS = LoaderConfig(batch_size=64)
-RECIPE = LoaderConfig(batch_size=64, num_workers=2, prefetch_factor=2)
 
 
 def make_result(**changes) -> TuneResult:
-    trials = (
-        TrialRecord(0, DEFAULTS, "ok", 1000.0, 0.01, 0.5, 100 << 20, None),
-        TrialRecord(1, RECIPE, "ok", 1500.0, 0.4, 0.1, 300 << 20, None),
-        TrialRecord(2, WINNER, "ok", 3000.0, 0.3, 0.05, 250 << 20, None),
-        TrialRecord(3, LoaderConfig(1024, 2, 8), "infeasible",
-                    reason="host memory 9.0 GiB crossed the cap 8.0 GiB"),
-        TrialRecord(4, LoaderConfig(8, 1, 1), "failed", reason="ValueError: bad sample"),
-        TrialRecord(5, DEFAULTS, "repeat", 1000.0),
-    )
-    finalists = (
-        FinalistRecord(WINNER, (2900.0, 3000.0, 3100.0), "candidate", 0.3, 250 << 20, None, 0.05),
-        FinalistRecord(RECIPE, (1450.0, 1500.0, 1550.0), "recipe", 0.4, 300 << 20, None, 0.1),
-        FinalistRecord(DEFAULTS, (990.0, 1000.0, 1010.0), "defaults", 0.01, 100 << 20, None, 0.5),
-    )
-    result = TuneResult(
-        config=WINNER,
-        loader_kwargs=WINNER.loader_kwargs(),
-        amp=WINNER.amp,
-        samples_per_second=3000.0,
-        baselines={"defaults": 1000.0, "recipe": 1500.0},
-        finalists=finalists,
-        trials=trials,
-        device="cpu",
-        samples_per_epoch=240,
-        elapsed_seconds=12.5,
-        space_size=104,
-        notes=("pin_memory stays False: it only helps copies to a CUDA device.",),
-    )
-    return replace(result, **changes)
+    return build_result(WINNER, infeasible=1, **changes)
 
 
 def test_json_round_trip_is_equal():

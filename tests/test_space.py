@@ -64,8 +64,8 @@ def test_bad_pins_name_the_rule(kwargs, match):
 def test_baselines_are_defaults_and_recipe_near_64():
     space = build_space(1000, device_type="cuda", has_model=True, cpus=4, bf16_supported=False)
     defaults, recipe = space.baselines()
-    assert defaults == LoaderConfig(50, 0, None, False, None)
-    assert recipe == LoaderConfig(50, 4, 2, True, None)
+    assert defaults == LoaderConfig(50, num_workers=0, prefetch_factor=None, pin_memory=False)
+    assert recipe == LoaderConfig(50, num_workers=4, prefetch_factor=2, pin_memory=True, amp=None)
     pinned = build_space(1000, device_type="cpu", has_model=False, cpus=2, batch_size=200)
     assert pinned.baselines()[0].batch_size == 200
 
@@ -76,20 +76,22 @@ def test_params_round_trip_through_suggest():
     space = build_space(1000, device_type="cuda", has_model=True, cpus=4, bf16_supported=True)
     study = optuna.create_study(direction="maximize")
     seen = []
-    for config in (LoaderConfig(50, 0), LoaderConfig(250, 3, 8, True, "float16")):
+    configs = [LoaderConfig(50), LoaderConfig(250, num_workers=3, prefetch_factor=8,
+                                              pin_memory=True, amp="float16")]
+    for config in configs:
         study.enqueue_trial(space.params(config))
     study.optimize(lambda t: seen.append(space.suggest(t)) or 0.0, n_trials=2)
-    assert seen == [LoaderConfig(50, 0), LoaderConfig(250, 3, 8, True, "float16")]
+    assert seen == configs
 
 
 def test_loader_kwargs_obey_torch_rules():
     assert LoaderConfig(32).loader_kwargs(timeout=5) == {
         "batch_size": 32, "num_workers": 0, "pin_memory": False, "drop_last": False}
-    kwargs = LoaderConfig(32, 2, 4).loader_kwargs(timeout=5)
+    kwargs = LoaderConfig(32, num_workers=2, prefetch_factor=4).loader_kwargs(timeout=5)
     assert kwargs["prefetch_factor"] == 4 and kwargs["persistent_workers"] is True
     assert kwargs["timeout"] == 5
     with pytest.raises(ValueError, match="prefetch_factor"):
-        LoaderConfig(32, 0, 2)
+        LoaderConfig(32, num_workers=0, prefetch_factor=2)
 
 
 def test_space_size_counts_prefetch_only_with_workers():

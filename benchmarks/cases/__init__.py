@@ -1,4 +1,5 @@
-"""Benchmark cases: one module each, with a known, different bottleneck.
+"""Benchmark cases: the fixed ones (one module each, with a known, different bottleneck) and
+those drawn at random (``benchmarks/workloads.py``), both as :class:`Case` records.
 
 Every case module exposes ``DESCRIPTION`` (one line), ``BOTTLENECK`` (a few words for the table),
 ``N`` and ``QUICK_N`` (data set sizes of the full and the ``--quick`` run), ``make_dataset(n)``,
@@ -10,7 +11,10 @@ level so that worker processes can unpickle them.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 NAMES = ("a_inmemory", "b_cpu_items", "c_io_wait", "d_large_samples", "e_heavy_model",
          "f_h2d_copy")
@@ -21,9 +25,33 @@ DEFAULT_CPU = NAMES[:5]
 DEFAULT_CUDA = ("b_cpu_items", "d_large_samples", "f_h2d_copy")
 
 
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    """One workload of the benchmark."""
+
+    name: str
+    description: str
+    bottleneck: str
+    n: int
+    make_dataset: Callable[[], Any]
+    make_model: Callable[[], Any]
+    loss: Any
+    max_batch: int = 1024
+    spec: dict[str, Any] = field(default_factory=dict)  # a random workload's draw
+
+
 def load(name: str) -> ModuleType:
     """Import the case module ``name`` (one of :data:`NAMES`)."""
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def fixed(name: str, quick: bool = False) -> Case:
+    """The fixed case ``name`` as a :class:`Case`."""
+    module = load(name)
+    n = module.QUICK_N if quick else module.N
+    return Case(name=name, description=module.DESCRIPTION, bottleneck=module.BOTTLENECK, n=n,
+                make_dataset=lambda: module.make_dataset(n), make_model=module.make_model,
+                loss=module.LOSS, max_batch=getattr(module, "MAX_BATCH", 1024))
 
 
 def select(spec: str | None) -> list[str]:

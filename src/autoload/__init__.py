@@ -9,10 +9,11 @@ from autoload.errors import (
     SpecError,
     TuningFailedError,
 )
-from autoload.probe import Measurement, Probe, TrainingProbe, Window
-from autoload.result import FinalistRecord, TrialRecord, TuneResult
+from autoload.probe import Probe, TrainingProbe
+from autoload.result import FinalistRecord, Measurement, ProgressEvent, TrialRecord, TuneResult
 from autoload.space import SearchSpace, build_space
-from autoload.tuner import ProgressEvent, best_loader, tune
+from autoload.timing import Costs, Window
+from autoload.tuner import best_loader, tune
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "AmpDtype",
     "AutoloadError",
     "ConfigError",
+    "Costs",
     "DatasetError",
     "FinalistRecord",
     "LoaderConfig",

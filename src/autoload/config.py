@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from typing import Any, Literal
 
 __all__ = ["AmpDtype", "LoaderConfig"]
@@ -29,6 +29,7 @@ class LoaderConfig:
     """
 
     batch_size: int
+    _: KW_ONLY
     num_workers: int = 0
     prefetch_factor: int | None = None
     pin_memory: bool = False
@@ -56,7 +57,7 @@ class LoaderConfig:
         once per epoch and should not pay the workers' start-up each time.
 
         Example:
-            >>> LoaderConfig(batch_size=64, num_workers=2, prefetch_factor=4).loader_kwargs()
+            >>> LoaderConfig(64, num_workers=2, prefetch_factor=4).loader_kwargs()
             {'batch_size': 64, 'num_workers': 2, 'pin_memory': False, 'drop_last': False, \
 'prefetch_factor': 4, 'persistent_workers': True}
         """

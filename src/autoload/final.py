@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from typing import TypeVar
 
 from autoload.config import LoaderConfig
 from autoload.errors import AutoloadError, TuningFailedError
+from autoload.pipeline import PipelineModel
 from autoload.probe import Measurement, Window
-from autoload.result import FinalistRecord, TuneResult
-from autoload.study import FINAL_WINDOW, MARGIN, ProgressEvent, SearchState
+from autoload.result import FinalistRecord, ProgressEvent, Role, TuneResult
+from autoload.search import FINAL_WINDOW, SearchState
 
-__all__ = ["finish"]
+__all__ = ["finish", "interleaved"]
+
+T = TypeVar("T")
 
 # A simpler finalist this close to the best wins (the gap is noise): one standard deviation of
 # the difference of two medians, but at least _TIE_MIN and at most _TIE_MAX.
@@ -23,9 +27,18 @@ _EXTRA_ROUNDS = 2  # close finalists get up to this many times the planned round
 _DROP_MIN = 0.05  # a finalist is clearly behind only when at least this far under the best
 
 
-def _final_round_order(configs: list[LoaderConfig], round_index: int) -> list[LoaderConfig]:
-    shift = round_index % len(configs)
-    order = configs[shift:] + configs[:shift]
+def interleaved(items: Sequence[T], round_index: int) -> list[T]:
+    """The order to measure ``items`` in round ``round_index`` of a side-by-side comparison:
+    rotated by one each round and reversed every other round, so no item always runs first
+    or always follows the same one (a machine's speed drifts, and each run warms caches).
+
+    Example:
+        >>> [interleaved("abc", r) for r in range(3)]
+        [['a', 'b', 'c'], ['a', 'c', 'b'], ['c', 'a', 'b']]
+    """
+    items = list(items)
+    shift = round_index % len(items)
+    order = items[shift:] + items[:shift]
     return order if round_index % 2 == 0 else order[::-1]
 
 
@@ -34,69 +47,88 @@ def _simplicity(config: LoaderConfig) -> tuple[int, int, bool, bool]:
             config.amp is not None)
 
 
-def _remeasure(state: SearchState, finalists: dict[LoaderConfig, set[str]], rounds: int,
-               seconds: float) -> dict[LoaderConfig, list[Measurement]]:
-    """Measure the finalists side by side: interleaved rounds, each in a rotated order.
+def _median(ms: Sequence[Measurement], name: str = "samples_per_second") -> float:
+    return float(statistics.median(getattr(m, name) for m in ms))
+
+
+class _Remeasure:
+    """Interleaved rounds of the finalists, each in a rotated order.
 
     After two rounds a finalist clearly below the best (even its best rate is more than
     ``_drop_gap`` under the best median) is measured no more. With a budget, the time that
     frees pays for extra rounds of the rest, up to ``_EXTRA_ROUNDS`` x ``rounds`` in all: close
     finalists are what a noisy machine confuses, and more rounds of them settle it.
     """
-    results: dict[LoaderConfig, list[Measurement]] = {c: [] for c in finalists}
-    faulted: set[LoaderConfig] = set()
-    behind: set[LoaderConfig] = set()
-    most = rounds if state.budget is None else _EXTRA_ROUNDS * rounds
-    done, r = 0, 0
-    total = rounds * len(finalists)  # measurements planned, for progress; revised as it goes
-    while r < most:
-        active = [c for c in finalists if c not in faulted and c not in behind]
-        if not active:
-            break
-        if r >= rounds:  # an extra round: only for close finalists, and only if it fits
-            cost = sum(seconds + state.overhead(c) for c in active)
-            if len(active) < 2 or _time_left(state) < cost:
+
+    def __init__(self, state: SearchState, finalists: Sequence[LoaderConfig], rounds: int,
+                 seconds: float, deadline: float) -> None:
+        self.state, self.finalists, self.rounds, self.seconds = state, finalists, rounds, seconds
+        self.deadline = deadline
+        self.results: dict[LoaderConfig, list[Measurement]] = {c: [] for c in finalists}
+        self.faulted: set[LoaderConfig] = set()
+        self.behind: set[LoaderConfig] = set()
+        self.done = 0
+        self.total = rounds * len(finalists)  # measurements planned, revised as it goes
+
+    def left(self) -> float:
+        return self.deadline - self.state.clock()
+
+    def run(self) -> dict[LoaderConfig, list[Measurement]]:
+        most = self.rounds if not self.state.budget.limited else _EXTRA_ROUNDS * self.rounds
+        for r in range(most):
+            active = [c for c in self.finalists if c not in self.faulted | self.behind]
+            if not active:
                 break
-            total += len(active)
-        for config in _final_round_order(active, r):
-            # The soft limit (after the first batch) covers the warm-up and the window, and
-            # never reaches past the budget, whatever the plan thought.
-            limit = seconds + 2 * state.overhead(config) + 0.5
-            if state.budget is not None:
-                left = _time_left(state) - state.overhead(config)
-                if results[config] and left < seconds:
-                    total -= 1
-                    continue  # out of time: keep the rates measured so far
-                limit = min(limit, max(seconds / 2, left))
-            window = Window(seconds=seconds, deadline=state.window.deadline,
-                            max_warmup=state.window.max_warmup, min_batches=_FINAL_MIN_BATCHES,
-                            time_limit=limit)
-            try:
-                results[config].append(state.probe.measure(config, window))
-            except AutoloadError:
-                raise
-            except Exception:  # a finalist that faults now is out, whatever it did before
-                faulted.add(config)
-                total -= max(0, rounds - r - 1)
-            done += 1
-            if state.progress is not None:
-                best = max(((_median(v), c) for c, v in results.items() if v),
-                           default=(None, None), key=lambda t: t[0] or 0.0)
-                state.progress(ProgressEvent("final", done, total,
-                                             state.clock() - state.start, state.budget,
-                                             best[0], best[1]))
-        r += 1
-        if r >= 2:
-            out = _clearly_behind(state, {c: results[c] for c in active
-                                          if c not in faulted and results[c]}, seconds)
-            total -= len(out - behind) * max(0, rounds - r)
-            behind |= out
-    return {c: v for c, v in results.items() if v and c not in faulted}
+            if r >= self.rounds:  # an extra round: only for close finalists, if it fits
+                cost = sum(self.seconds + self.state.overhead(c) for c in active)
+                if len(active) < 2 or self.left() < cost:
+                    break
+                self.total += len(active)
+            for config in interleaved(active, r):
+                self._measure(config, r)
+            if r >= 1:
+                self._drop_behind(active, r + 1)
+        return {c: v for c, v in self.results.items() if v and c not in self.faulted}
 
+    def _measure(self, config: LoaderConfig, r: int) -> None:
+        # The soft limit (after the first batch) covers the warm-up and the window, and never
+        # reaches past the budget, whatever the plan thought.
+        state = self.state
+        limit = self.seconds + 2 * state.overhead(config) + 0.5
+        if state.budget.limited:
+            left = self.left() - state.overhead(config)
+            if self.results[config] and left < self.seconds:
+                self.total -= 1
+                return  # out of time: keep the rates measured so far
+            limit = min(limit, max(self.seconds / 2, left))
+        window = Window(seconds=self.seconds, deadline=state.window.deadline,
+                        min_batches=_FINAL_MIN_BATCHES, time_limit=limit)
+        try:
+            self.results[config].append(state.probe.measure(config, window))
+        except AutoloadError:
+            raise
+        except Exception:  # a finalist that faults now is out, whatever it did before
+            self.faulted.add(config)
+            self.total -= max(0, self.rounds - r - 1)
+        self.done += 1
+        if state.progress is not None:
+            best = max(((_median(v), c) for c, v in self.results.items() if v),
+                       default=(None, None), key=lambda t: t[0] or 0.0)
+            state.progress(ProgressEvent(
+                phase="final", done=self.done, total=self.total,
+                elapsed=state.budget.elapsed(), budget=state.budget.seconds,
+                best=best[0], best_config=best[1]))
 
-def _time_left(state: SearchState) -> float:
-    assert state.budget is not None
-    return _final_deadline(state) + MARGIN * state.budget - state.clock()
+    def _drop_behind(self, active: list[LoaderConfig], rounds_done: int) -> None:
+        measured = {c: self.results[c] for c in active
+                    if c not in self.faulted and self.results[c]}
+        if len(measured) < 2:
+            return
+        top = max(_median(ms) for ms in measured.values())
+        floor = top * (1 - _drop_gap(_window_cv(self.state, measured, self.seconds)))
+        out = {c for c, ms in measured.items() if max(m.samples_per_second for m in ms) < floor}
+        self.total -= len(out - self.behind) * max(0, self.rounds - rounds_done)
+        self.behind |= out
 
 
 def _window_cv(state: SearchState, measured: dict[LoaderConfig, list[Measurement]],
@@ -106,22 +138,13 @@ def _window_cv(state: SearchState, measured: dict[LoaderConfig, list[Measurement
     spreads = [statistics.stdev(rates) / statistics.fmean(rates)
                for rates in ([m.samples_per_second for m in ms] for ms in measured.values())
                if len(rates) >= 2 and statistics.fmean(rates) > 0]
-    return statistics.median(spreads) if spreads else state.window_cv(seconds)
+    return statistics.median(spreads) if spreads else state.noise.window_cv(seconds)
 
 
 def _drop_gap(cv: float) -> float:
     """How far under the best median a finalist's best rate must be to be clearly behind:
     4 standard deviations of the difference of two windows, and at least ``_DROP_MIN``."""
     return max(_DROP_MIN, 4 * math.sqrt(2) * cv)
-
-
-def _clearly_behind(state: SearchState, measured: dict[LoaderConfig, list[Measurement]],
-                    seconds: float) -> set[LoaderConfig]:
-    if len(measured) < 2:
-        return set()
-    top = max(_median(ms) for ms in measured.values())
-    floor = top * (1 - _drop_gap(_window_cv(state, measured, seconds)))
-    return {c for c, ms in measured.items() if max(m.samples_per_second for m in ms) < floor}
 
 
 def _tie_margin(state: SearchState, measured: dict[LoaderConfig, list[Measurement]],
@@ -136,6 +159,12 @@ def _tie_margin(state: SearchState, measured: dict[LoaderConfig, list[Measuremen
     return min(max(sigma, _TIE_MIN), _TIE_MAX)
 
 
+def _final_deadline(state: SearchState) -> float:
+    """When the re-measure must be over: before the step-alone bound's window, inside the
+    budget (the final may use the margin the search left)."""
+    return state.budget.hard_end() - state.window.seconds
+
+
 def _plan(state: SearchState, finalists: list[LoaderConfig]) -> tuple[int, float]:
     """Rounds and window length that fit what is left of the budget.
 
@@ -143,10 +172,10 @@ def _plan(state: SearchState, finalists: list[LoaderConfig]) -> tuple[int, float
     interleaved windows beat longer ones against a machine whose speed drifts.
     """
     seconds = FINAL_WINDOW * state.window.seconds
-    if state.budget is None:
+    if not state.budget.limited:
         return state.final_rounds, seconds
     shortest = state.base_seconds / 2
-    left = _final_deadline(state) - state.clock()
+    left = state.budget.end - state.window.seconds - state.clock()
     overhead = sum(state.overhead(c) for c in finalists)
     for rounds in range(state.final_rounds, 0, -1):
         seconds = (left / rounds - overhead) / len(finalists)
@@ -155,61 +184,70 @@ def _plan(state: SearchState, finalists: list[LoaderConfig]) -> tuple[int, float
     return rounds, min(max(seconds, shortest), _MAX_FINAL_WINDOWS * state.window.seconds)
 
 
-def _final_deadline(state: SearchState) -> float:
-    """When the re-measure must be over: before the margin (a measurement can overrun its plan
-    by a step, and clean-up takes time) and the step-alone bound."""
-    assert state.budget is not None
-    return state.start + (1 - MARGIN) * state.budget - state.window.seconds
-
-
-def finish(state: SearchState, *, device: str, samples_per_epoch: int | None,
-           notes: list[str]) -> TuneResult:
-    """Re-measure the finalists side by side and build the result."""
-    finalists = state.finalists()
-    rounds, seconds = _plan(state, list(finalists))
-    measured = _remeasure(state, finalists, rounds, seconds)
-    if not measured:
-        raise TuningFailedError("every finalist faulted when re-measured; the machine may be "
-                                "under memory pressure: raise --memory-cap or rerun.")
-
-    records = {
-        config: FinalistRecord(
-            config, tuple(m.samples_per_second for m in ms),
-            "defaults" if "defaults" in finalists[config] else
-            "recipe" if "recipe" in finalists[config] else "candidate",
+def _records(finalists: dict[LoaderConfig, set[str]],
+             measured: dict[LoaderConfig, list[Measurement]],
+             model: PipelineModel | None, state: SearchState,
+             ) -> dict[LoaderConfig, FinalistRecord]:
+    records = {}
+    for config, ms in measured.items():
+        roles = finalists[config]
+        role: Role = ("defaults" if "defaults" in roles else
+                      "recipe" if "recipe" in roles else "candidate")
+        prediction = None if model is None else model.predict(config)
+        records[config] = FinalistRecord(
+            config=config, rates=tuple(m.samples_per_second for m in ms), role=role,
             startup_seconds=_median(ms, "startup_seconds"),
             peak_host_bytes=max(m.peak_host_bytes for m in ms),
             peak_gpu_bytes=max((m.peak_gpu_bytes or 0 for m in ms), default=0) or None,
             data_wait_fraction=_median(ms, "data_wait_fraction"),
+            predicted=state.predicted.get(config,
+                                          None if prediction is None else prediction.fitted),
         )
-        for config, ms in measured.items()
-    }
+    return records
+
+
+def _step_rate(state: SearchState, winner: FinalistRecord) -> float | None:
+    """An upper bound: the training step alone, on a batch already on the device. It takes two
+    warm-up steps and one at least; a batch at the winner's rate bounds a step's time."""
+    step_window = state.window.seconds
+    if state.budget.limited:
+        step_seconds = winner.config.batch_size / max(winner.median, 1e-9)
+        step_window = min(step_window,
+                          state.budget.hard_end() - state.clock() - 3 * step_seconds)
+    if step_window <= 0:
+        return None
+    try:
+        return state.probe.step_rate(winner.config, Window(seconds=step_window, min_batches=1))
+    except Exception:  # the bound is a nicety; a fault here must not lose the result
+        return None
+
+
+def finish(state: SearchState, *, model: PipelineModel | None, device: str,
+           samples_per_epoch: int | None, notes: list[str]) -> TuneResult:
+    """Re-measure the finalists side by side and build the result."""
+    finalists = state.finalists()
+    rounds, seconds = _plan(state, list(finalists))
+    measured = _Remeasure(state, list(finalists), rounds, seconds,
+                          _final_deadline(state)).run()
+    if not measured:
+        raise TuningFailedError("every finalist faulted when re-measured; the machine may be "
+                                "under memory pressure: raise --memory-cap or rerun.")
+    records = _records(finalists, measured, model, state)
     top = max(f.median for f in records.values())
     tie = _tie_margin(state, measured, seconds)
     winner = min((f for f in records.values() if f.median >= top * (1 - tie)),
-                 key=lambda f: _simplicity(f.config)).config
+                 key=lambda f: _simplicity(f.config))
     most = max(len(ms) for ms in measured.values())
     behind = sum(1 for ms in measured.values() if len(ms) < most)
     dropped = (f" ({behind} clearly behind after fewer rounds)" if behind else "")
     notes.append(
-        f"noise: one second of measuring a configuration varied by about {state.noise():.1%} "
-        f"from run to run, so search windows lasted {state.window.seconds:.2f} s and the "
-        f"finalists ran up to {most} x {seconds:.2f} s{dropped}; "
-        f"those within {tie:.1%} of the best counted as tied, and the simplest of them won."
+        f"noise: one second of measuring a configuration varied by about "
+        f"{state.noise.per_second:.1%} from run to run, so search windows lasted "
+        f"{state.window.seconds:.2f} s and the finalists ran up to {most} x {seconds:.2f} s"
+        f"{dropped}; those within {tie:.1%} of the best counted as tied, and the simplest of "
+        "them won."
     )
-    # An upper bound: the training step alone, on a batch already on the device. It takes two
-    # warm-up steps and one at least; a batch at the winner's rate bounds a step's time.
-    step_window = state.window.seconds
-    if state.budget is not None:
-        step_seconds = winner.batch_size / max(records[winner].median, 1e-9)
-        step_window = min(step_window,
-                          state.start + state.budget - state.clock() - 3 * step_seconds)
-    step_rate = None
-    if step_window > 0:
-        try:
-            step_rate = state.probe.step_rate(winner, Window(seconds=step_window, min_batches=1))
-        except Exception:  # the bound is a nicety; a fault here must not lose the result
-            step_rate = None
+    step_rate = _step_rate(state, winner)
     pilot = state.measured.get(state.baselines[0])
     fetch_rate = None
     if pilot is not None and pilot.state == "ok" and pilot.data_wait_fraction:
@@ -217,24 +255,13 @@ def finish(state: SearchState, *, device: str, samples_per_epoch: int | None,
         fetch_rate = pilot.samples_per_second / pilot.data_wait_fraction
     baselines = {role: f.median for f in records.values() for role in finalists[f.config]
                  if role != "candidate"}
+    prediction = None if model is None else model.predict(winner.config)
     return TuneResult(
-        config=winner,
-        loader_kwargs=winner.loader_kwargs(),
-        amp=winner.amp,
-        samples_per_second=records[winner].median,
-        baselines=baselines,
+        config=winner.config, loader_kwargs=winner.config.loader_kwargs(), amp=winner.config.amp,
+        samples_per_second=winner.median, baselines=baselines,
         finalists=tuple(sorted(records.values(), key=lambda f: -f.median)),
-        trials=tuple(state.records),
-        device=device,
-        samples_per_epoch=samples_per_epoch,
-        elapsed_seconds=state.clock() - state.start,
-        space_size=state.space.size,
-        notes=tuple(notes),
-        step_rate=step_rate,
-        fetch_rate=fetch_rate,
-        noise_cv=state.noise(),
+        trials=tuple(state.records), device=device, samples_per_epoch=samples_per_epoch,
+        elapsed_seconds=state.budget.elapsed(), space_size=state.space.size, notes=tuple(notes),
+        step_rate=step_rate, fetch_rate=fetch_rate, noise_cv=state.noise.per_second,
+        limit=None if prediction is None else prediction.bound,
     )
-
-
-def _median(ms: Sequence[Measurement], name: str = "samples_per_second") -> float:
-    return float(statistics.median(getattr(m, name) for m in ms))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import psutil
 import torch
@@ -14,6 +16,8 @@ from autoload.errors import ConfigError
 
 __all__ = [
     "MemoryCapExceeded",
+    "cpu_seconds",
+    "tree_pids",
     "MemoryWatchdog",
     "ProcessTreeMemory",
     "format_size",
@@ -87,65 +91,162 @@ def _is_helper(proc: psutil.Process) -> bool:
     return "resource_tracker" in cmdline or "forkserver" in cmdline
 
 
-class ProcessTreeMemory:
-    """Host memory of a process and all its descendants.
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PROC = Path("/proc")
 
-    Shared pages are counted once: each process contributes its PSS (proportional set size),
-    read at most every ``pss_interval`` seconds because reading it walks the page tables. In
-    between, a process's PSS is extrapolated by its RSS change since the last PSS reading (RSS
-    alone would count pages shared by forked workers once per worker).
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid``, read from ``/proc/PID/task/*/children`` (cheap: psutil's
+    ``children()`` scans every process on the machine)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def tree_pids(root: int | None = None) -> list[int]:
+    """``root`` (this process by default) and all its descendants."""
+    root = os.getpid() if root is None else root
+    if not _PROC.is_dir():
+        try:
+            proc = psutil.Process(root)
+            return [root, *(p.pid for p in proc.children(recursive=True))]
+        except psutil.Error:
+            return [root]
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(_children(pid))
+    return pids
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except (psutil.Error, OSError):
+        return None
+
+
+def _pss(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(psutil.Process(pid).memory_full_info().pss)
+    except (psutil.Error, OSError, AttributeError):
+        return _rss(pid)
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User plus system CPU seconds the processes ``pids`` have used (those that are gone count
+    nothing)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+        except (OSError, ValueError, IndexError):
+            try:
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+            except (psutil.Error, OSError):
+                continue
+    return total
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class ProcessTreeMemory:
+    """Host memory of a process and all its descendants, cheap to sample.
+
+    Shared pages are counted once: each process contributes its PSS (proportional set size).
+    PSS is costly to read: the kernel walks the page tables, about 4 ms for a process with
+    torch loaded, on cores the training loop needs. So PSS is read for at most one process per
+    ``pss_interval`` seconds (the one read longest ago), and a process's PSS in between is its
+    last PSS plus its RSS change since. A worker seen for the first time is assumed to share
+    as much as a sibling read before it (its RSS times the sibling's PSS/RSS ratio), until its
+    turn comes: forked workers start alike. RSS alone would count the pages forked workers
+    share with their parent once per worker.
     """
 
     def __init__(
-        self, pid: int | None = None, *, pss_interval: float = 0.5,
+        self, pid: int | None = None, *, pss_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._root = psutil.Process(pid)
+        self._root = os.getpid() if pid is None else pid
         self._pss_interval = pss_interval
         self._clock = clock
-        self._last: dict[int, tuple[int, int]] = {}  # pid -> (pss, rss) at the last PSS read
-        self._last_pss_time = -float("inf")
+        self._last: dict[int, tuple[int, int, float]] = {}  # pid -> (pss, rss, when read)
+        self._last_read = -float("inf")
 
-    def processes(self) -> list[psutil.Process]:
-        try:
-            return [self._root, *self._root.children(recursive=True)]
-        except psutil.Error:
-            return [self._root]
+    def pids(self) -> list[int]:
+        return tree_pids(self._root)
 
     def sample(self) -> int:
         """Bytes used by the tree now."""
         now = self._clock()
-        precise = now - self._last_pss_time >= self._pss_interval
-        if precise:
-            self._last_pss_time = now
-        total, seen = 0, set()
-        for proc in self.processes():
-            try:
-                pid = proc.pid
-                seen.add(pid)
-                if precise or pid not in self._last:
-                    info = proc.memory_full_info()
-                    self._last[pid] = (info.pss, info.rss)
-                    total += info.pss
-                else:
-                    pss, rss = self._last[pid]
-                    total += max(0, pss + proc.memory_info().rss - rss)
-            except (psutil.Error, OSError):
-                continue
-        for gone in set(self._last) - seen:
+        rss = {pid: r for pid in self.pids() if (r := _rss(pid)) is not None}
+        for gone in set(self._last) - set(rss):
             del self._last[gone]
+        unread = [pid for pid in rss if pid not in self._last]
+        if unread and (self._root in unread or not self._ratio()):
+            self._read_pss(unread[0], rss[unread[0]], now)
+        elif now - self._last_read >= self._pss_interval:
+            oldest = min(rss, key=lambda pid: self._last[pid][2] if pid in self._last else -1.0)
+            self._read_pss(oldest, rss[oldest], now)
+        ratio = self._ratio() or 1.0
+        total = 0
+        for pid, r in rss.items():
+            if pid in self._last:
+                pss, then, _ = self._last[pid]
+                total += max(0, pss + r - then)
+            else:
+                total += int(r * ratio)
         return total
+
+    def _read_pss(self, pid: int, rss: int, now: float) -> None:
+        pss = _pss(pid)
+        if pss is not None:
+            self._last[pid] = (pss, rss, now)
+            self._last_read = now
+
+    def _ratio(self) -> float | None:
+        """PSS over RSS of the workers read so far (the root process aside)."""
+        ratios = [pss / rss for pid, (pss, rss, _) in self._last.items()
+                  if pid != self._root and rss > 0]
+        return max(ratios) if ratios else None
 
 
 class MemoryWatchdog:
-    """A thread that tracks the tree's peak memory and stops a trial that crosses the cap.
+    """A thread that tracks the tree's peak memory (four times a second) and stops a trial
+    that crosses the cap.
 
     On crossing it sets :attr:`exceeded` and kills the trial's worker processes (the children
     that were not there when the watchdog started), so a worker allocating past the cap cannot
     take the machine down; the probe's loop then raises :class:`MemoryCapExceeded`.
     """
 
-    def __init__(self, cap: int | None, *, interval: float = 0.1,
+    def __init__(self, cap: int | None, *, interval: float = 0.25,
                  memory: ProcessTreeMemory | None = None) -> None:
         self.cap = cap
         self.peak = 0
@@ -153,7 +254,8 @@ class MemoryWatchdog:
         self._interval = interval
         self._memory = memory or ProcessTreeMemory()
         self._stop = threading.Event()
-        self._before = {p.pid for p in self._memory.processes()}
+        self._before = set(self._memory.pids())
+        self.cpu_seconds = 0.0  # what the watchdog's own thread used: its cost to the trial
         self._thread = threading.Thread(target=self._run, name="autoload-memory", daemon=True)
 
     def __enter__(self) -> MemoryWatchdog:
@@ -167,19 +269,24 @@ class MemoryWatchdog:
         self._check(self._memory.sample())
 
     def _run(self) -> None:
+        began = time.thread_time()
         while not self._stop.wait(self._interval):
             self._check(self._memory.sample())
+        self.cpu_seconds = time.thread_time() - began
 
     def _check(self, used: int) -> None:
         self.peak = max(self.peak, used)
         if self.cap is not None and used > self.cap and not self.exceeded.is_set():
             self.exceeded.set()
-            for proc in self._memory.processes():
-                if proc.pid not in self._before and not _is_helper(proc):
-                    try:
+            for pid in self._memory.pids():
+                if pid in self._before:
+                    continue
+                try:
+                    proc = psutil.Process(pid)
+                    if not _is_helper(proc):
                         proc.kill()
-                    except psutil.Error:
-                        pass
+                except psutil.Error:
+                    pass
 
     def raise_if_exceeded(self) -> None:
         if self.exceeded.is_set() and self.cap is not None:
@@ -221,10 +328,7 @@ def _wait(procs: list[psutil.Process], timeout: float) -> tuple[list[psutil.Proc
 
 
 def child_pids() -> set[int]:
-    try:
-        return {p.pid for p in psutil.Process().children(recursive=True)}
-    except psutil.Error:
-        return set()
+    return set(tree_pids()[1:])
 
 
 def default_memory_cap() -> int:

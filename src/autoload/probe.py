@@ -1,33 +1,46 @@
 """One probe: a short training window under one configuration, measured.
 
 No Optuna and no printing here. A probe either returns a :class:`Measurement` or raises; the tuner
-decides what a failure means for the study.
+decides what a failure means for the study. The window's timing logic lives in
+:mod:`autoload.timing`; this module runs the loader and the step and feeds it timestamps.
 """
 
 from __future__ import annotations
 
 import gc
-import math
-import multiprocessing
-import signal
-import statistics
-import threading
+import itertools
 import time
 import traceback
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
+from autoload.alarm import Alarm, OutOfTime, TrialTimeout
 from autoload.config import LoaderConfig
 from autoload.errors import AutoloadError, DatasetError
-from autoload.memory import MemoryCapExceeded, MemoryWatchdog, child_pids, reap_children
+from autoload.memory import (
+    MemoryCapExceeded,
+    MemoryWatchdog,
+    child_pids,
+    cpu_seconds,
+    reap_children,
+)
+from autoload.result import Measurement
 from autoload.state import TrainingState
+from autoload.timing import Recorder, Shape, Timing, Window
 
 __all__ = [
     "LossFn",
@@ -37,78 +50,13 @@ __all__ = [
     "TrainingProbe",
     "TrialTimeout",
     "Window",
+    "batch_bytes",
     "move_to_device",
 ]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
 """A custom training step: ``step(model, batch_on_device) -> loss``."""
-
-
-class TrialTimeout(Exception):
-    """A trial ran past its deadline (a hung worker or ``__getitem__``)."""
-
-
-@dataclass(frozen=True)
-class Window:
-    """How long one probe measures.
-
-    Attributes:
-        seconds: Steady-state time to measure, after warm-up.
-        min_batches: Steady batches measured at least, even past ``seconds`` (slow steps).
-        max_warmup: Warm-up ends after this many seconds past the first batch even if the
-            prefetch queue may not be drained yet (large, slow batches).
-        time_limit: Soft bound on the probe after its first batch: past it the probe ends
-            with what it measured so far (warm-up batches too, if it never left warm-up) and
-            sets ``cut_short``. Start-up is not counted: persistent workers pay it once per
-            training run, and ``deadline`` bounds it.
-        abandon_below: A rate (samples/s) that, once a third of the window has shown the
-            configuration stays under it, ends the window early: a hopeless configuration
-            need not be measured precisely.
-        max_batches: Steady batches measured at most.
-        deadline: Hard bound on the whole probe, start-up included; past it the trial fails.
-    """
-
-    seconds: float = 1.0
-    min_batches: int = 2
-    max_batches: int = 100_000
-    deadline: float = 60.0
-    max_warmup: float = 2.0
-    time_limit: float | None = None
-    abandon_below: float | None = None
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """What one probe saw.
-
-    Attributes:
-        samples_per_second: Steady-state rate, warm-up excluded.
-        startup_seconds: From building the loader to the first batch (worker start-up).
-        warmup_seconds: From building the loader to the end of warm-up.
-        seconds: Length of the steady window.
-        samples: Samples in the steady window.
-        batches: Batches in the steady window.
-        data_wait_fraction: Share of the steady window spent waiting for the next batch.
-        peak_host_bytes: Peak memory of the main process plus all workers (PSS).
-        peak_gpu_bytes: Peak GPU memory allocated, or ``None`` off CUDA.
-        cut_short: The window ended early because the rate stayed under ``abandon_below``.
-        rate_cv: How much the rate of a window like this one varies (its coefficient of
-            variation), from the spread of the rate over consecutive blocks of its batches;
-            ``None`` for a window cut short or of fewer than 4 batches.
-    """
-
-    samples_per_second: float
-    startup_seconds: float
-    warmup_seconds: float
-    seconds: float
-    samples: int
-    batches: int
-    data_wait_fraction: float
-    peak_host_bytes: int = 0
-    peak_gpu_bytes: int | None = None
-    cut_short: bool = False
-    rate_cv: float | None = None
 
 
 class Probe(ABC):
@@ -118,7 +66,8 @@ class Probe(ABC):
     process behind and leave any model or optimizer it touched as it found them. It raises
     :class:`~autoload.memory.MemoryCapExceeded` for a crossed cap and :class:`TrialTimeout`
     for a deadline; any other exception is treated as a fault of the configuration or the
-    user's code.
+    user's code. A measurement's ``costs`` feed the tuner's model of the pipeline; a probe that
+    leaves them out gets a search that learns from rates alone.
     """
 
     @abstractmethod
@@ -146,17 +95,27 @@ def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False)
     return batch
 
 
+def _values(batch: Any) -> Sequence[Any]:
+    if isinstance(batch, Mapping):
+        return list(batch.values())
+    return batch if isinstance(batch, (list, tuple)) else ()
+
+
 def _batch_len(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else None
-    values: Sequence[Any] = list(batch.values()) if isinstance(batch, Mapping) else (
-        batch if isinstance(batch, (list, tuple)) else ()
-    )
-    for value in values:
+    for value in _values(batch):
         n = _batch_len(value)
         if n is not None:
             return n
     return None
+
+
+def batch_bytes(batch: Any) -> int:
+    """Bytes of all tensors in a batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    return sum(batch_bytes(v) for v in _values(batch))
 
 
 def _default_step(model: nn.Module, batch: Any, loss_fn: LossFn) -> torch.Tensor:
@@ -171,148 +130,29 @@ def _default_step(model: nn.Module, batch: Any, loss_fn: LossFn) -> torch.Tensor
 
 _COLLATE_HINTS = ("stack expects each tensor to be equal size", "default_collate",
                   "each element in list of batch should be of equal size")
+_END = object()
 
 
-def _epoch_batches(loader: DataLoader[Any]) -> float:
-    try:
-        return len(loader)
-    except TypeError:  # an IterableDataset without a length
-        return math.inf
+class _ShortFirstEpoch(Sampler[int]):
+    """The loader's sampler, with a first epoch of ``first`` indices only: the probe's warm-up,
+    so that measuring starts at an epoch boundary, where nothing is queued. Later epochs are
+    the sampler's own, whole."""
+
+    def __init__(self, inner: Sampler[int], first: int) -> None:
+        self.inner, self.first, self.epochs = inner, first, 0
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        indices = iter(self.inner)
+        self.epochs += 1
+        return itertools.islice(indices, self.first) if self.epochs == 1 else indices
 
 
-def _made_share(produced: Sequence[int], first: int, last: int) -> float:
-    """Of the batches consumed between steady batches ``first`` and ``last``, the share the
-    workers made meanwhile (at most 1); 1 without workers. (A span never runs past the point
-    where the workers had made the whole epoch: the window switches to whole epochs there.)"""
-    if last <= first or len(produced) <= last:
-        return 1.0
-    return min(1.0, (produced[last] - produced[first]) / (last - first))
-
-
-class _CountingCollate:
-    """The loader's collate function, counting the batches each worker has made.
-
-    The main process sees when it consumes a batch, not when a worker made it: batches queued
-    earlier can flatter a loader slower than the step. Each worker adds to its own slot of a
-    shared array (no lock needed), so the probe can tell how fast the workers really produce.
-    """
-
-    def __init__(self, collate: Callable[[Any], Any], slots: Any) -> None:
-        self.collate, self.slots = collate, slots
-
-    def __call__(self, items: Any) -> Any:
-        batch = self.collate(items)
-        info = get_worker_info()
-        if info is not None:
-            self.slots[info.id] += 1
-        return batch
-
-
-_Point = tuple[float, int, int]  # (time, samples, batches) of a steady window at one moment
-
-
-def _steady_span(waits: Sequence[_Point], start: _Point, end: _Point) -> tuple[_Point, _Point]:
-    """The part of a steady window that gives the loader's rate.
-
-    ``waits`` are the moments at which a fetch began that then waited on the workers. The
-    fetches before the first wait were served from the queue the workers filled earlier, at the
-    step's pace, not the loader's: the span starts at the first wait (if two batches follow it).
-    Workers that keep the step waiting deliver in bursts, so a span ending inside a burst
-    counts part of one; the span ends at the last wait when that keeps at least half of it.
-    """
-    if waits and end[2] - waits[0][2] >= 2:
-        start = waits[0]
-    last = waits[-1] if waits else start
-    if last[2] - start[2] >= 2 and last[0] - start[0] >= 0.5 * (end[0] - start[0]):
-        end = last
-    return start, end
-
-
-_CV_BLOCKS = 8
-
-
-def window_cv(start: float, marks: Sequence[tuple[float, int]],
-              min_block: int = 1) -> float | None:
-    """The coefficient of variation of a window's rate, from its rate over consecutive blocks.
-
-    ``marks`` holds (time, samples so far) after each batch of a window that began at
-    ``start``. Up to 8 blocks of (about) equally many batches, at least ``min_block`` each (a
-    burst from the workers is one batch per worker): the window's rate is about their mean, so
-    its CV is theirs over the square root of their count. Noise slower than the window is not
-    seen here; the tuner adds what repeated windows show.
-    """
-    k = min(_CV_BLOCKS, len(marks) // max(1, min_block))
-    if k < 4:
-        return None
-    rates = []
-    last_time, last_samples = start, 0
-    for i in range(1, k + 1):
-        time_i, samples_i = marks[round(i * len(marks) / k) - 1]
-        if time_i <= last_time:
-            return None
-        rates.append((samples_i - last_samples) / (time_i - last_time))
-        last_time, last_samples = time_i, samples_i
-    mean = statistics.fmean(rates)
-    return statistics.stdev(rates) / mean / math.sqrt(k) if mean > 0 else None
-
-
-class _OutOfTime(Exception):
-    """The soft time limit passed: stop measuring and keep what was measured."""
-
-
-class _Alarm:
-    """One real-time timer for two limits, in the main thread (a no-op elsewhere).
-
-    The hard limit bounds a hang (a stuck ``__getitem__`` at ``num_workers=0``, a worker that
-    never answers): it raises :class:`TrialTimeout`. The soft limit, armed once the first batch
-    is in, interrupts a step that would overrun the trial's share of the budget (a huge batch, a
-    slow autocast): it raises ``_OutOfTime`` and the probe keeps what it measured. Python runs the
-    handler between interpreter steps, so a long native op delays it by that op's length.
-    """
-
-    def __init__(self, hard_seconds: float) -> None:
-        self.enabled = (threading.current_thread() is threading.main_thread()
-                        and hasattr(signal, "SIGALRM"))
-        self._hard_seconds = hard_seconds
-        self._hard = self._soft = None  # type: float | None
-        self._previous: Any = None
-
-    def __enter__(self) -> _Alarm:
-        if self.enabled:
-            self._previous = signal.signal(signal.SIGALRM, self._fire)
-            self._hard = time.monotonic() + self._hard_seconds
-            self._arm()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self._previous)
-
-    def soft_in(self, seconds: float) -> None:
-        if self.enabled:
-            self._soft = time.monotonic() + max(seconds, 0.001)
-            self._arm()
-
-    def soft_off(self) -> None:
-        """Measuring is over: a soft limit passing now must not interrupt the clean-up."""
-        self._soft = None
-
-    def _arm(self) -> None:
-        pending = [t for t in (self._hard, self._soft) if t is not None]
-        if pending:
-            signal.setitimer(signal.ITIMER_REAL, max(min(pending) - time.monotonic(), 0.001))
-
-    def _fire(self, signum: int, frame: object) -> None:
-        now = time.monotonic()
-        if self._hard is not None and now >= self._hard:
-            self._hard = None
-            raise TrialTimeout(f"the trial ran past its {self._hard_seconds:.0f} s deadline")
-        if self._soft is not None and now >= self._soft:
-            self._soft = None
-            self._arm()
-            raise _OutOfTime
-        self._arm()
+def _warmup_batches(config: LoaderConfig) -> int:
+    # Every worker makes a batch (its lazy init), and the step runs twice (its own).
+    return max(2, config.num_workers)
 
 
 class TrainingProbe(Probe):
@@ -374,18 +214,18 @@ class TrainingProbe(Probe):
                 # Python 3.12+ warns on fork() beside threads; the memory watchdog's thread
                 # holds no lock a worker needs.
                 warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead")
-                with MemoryWatchdog(self.memory_cap) as dog, _Alarm(window.deadline) as alarm:
-                    try:
-                        result = self._run(config, window, dog, alarm)
-                    except (MemoryCapExceeded, AutoloadError, TrialTimeout):
-                        raise
-                    except Exception as exc:
-                        if dog.exceeded.is_set():  # the watchdog killed the workers
-                            raise MemoryCapExceeded("host", dog.peak, dog.cap or 0) from exc
-                        self._explain_collate(exc)
-                        raise
+                with MemoryWatchdog(self.memory_cap) as dog, Alarm(window.deadline) as alarm:
+                    timing, size = self._guarded(config, window, dog, alarm)
             peak_gpu = torch.cuda.max_memory_allocated(self.device) if cuda else None
-            return replace(result, peak_host_bytes=dog.peak, peak_gpu_bytes=peak_gpu)
+            costs = None if timing.costs is None else replace(timing.costs, batch_bytes=size)
+            return Measurement(
+                samples_per_second=timing.samples_per_second,
+                startup_seconds=timing.startup_seconds, warmup_seconds=timing.warmup_seconds,
+                seconds=timing.seconds, samples=timing.samples, batches=timing.batches,
+                epochs=timing.epochs, data_wait_fraction=timing.data_wait_fraction,
+                peak_host_bytes=dog.peak, peak_gpu_bytes=peak_gpu, cut_short=timing.cut_short,
+                rate_cv=timing.rate_cv, costs=costs,
+            )
         finally:
             # A full collection costs a quarter second with torch and optuna loaded: run it only
             # when a loader iterator caught in a reference cycle still holds workers.
@@ -397,6 +237,19 @@ class TrainingProbe(Probe):
             if cuda:
                 torch.cuda.empty_cache()
 
+    def _guarded(self, config: LoaderConfig, window: Window, dog: MemoryWatchdog,
+                 alarm: Alarm) -> tuple[Timing, int]:
+        """:meth:`_run`, with the errors a crossed cap or a bad collate cause made plain."""
+        try:
+            return self._run(config, window, dog, alarm)
+        except (MemoryCapExceeded, AutoloadError, TrialTimeout):
+            raise
+        except Exception as exc:
+            if dog.exceeded.is_set():  # the watchdog killed the workers
+                raise MemoryCapExceeded("host", dog.peak, dog.cap or 0) from exc
+            self._explain_collate(exc)
+            raise
+
     def _explain_collate(self, exc: Exception) -> None:
         if "collate_fn" in self.loader_options or "batch_sampler" in self.loader_options:
             return
@@ -406,6 +259,33 @@ class TrainingProbe(Probe):
                 f"the default collate cannot batch these items ({first}); pass a collate_fn in "
                 "loader_options that pads or packs them."
             ) from exc
+
+    def _loader(self, config: LoaderConfig, window: Window) -> tuple[DataLoader[Any], Shape]:
+        """The DataLoader under ``config``, its first epoch shortened to the warm-up where the
+        data set has a sampler to shorten."""
+        kwargs = config.dataloader_arguments(self.loader_options, timeout=window.deadline)
+        warmup = _warmup_batches(config)
+        epoch = None
+        if not isinstance(self.dataset, IterableDataset):
+            sampler = kwargs.pop("sampler", None)
+            if sampler is None:
+                shuffle = bool(kwargs.pop("shuffle", False))
+                sampler = (RandomSampler(self.dataset, generator=kwargs.get("generator"))  # type: ignore[arg-type]
+                           if shuffle else SequentialSampler(self.dataset))  # type: ignore[arg-type]
+            else:
+                kwargs.pop("shuffle", None)
+            n = len(sampler)
+            epoch = n // config.batch_size if config.drop_last else -(-n // config.batch_size)
+            if epoch > warmup + 1:  # else the first epoch is short enough as it is
+                sampler = _ShortFirstEpoch(sampler, warmup * config.batch_size)
+            kwargs["sampler"] = sampler
+        shape = Shape(
+            batch_size=config.batch_size, workers=config.num_workers,
+            in_flight=config.num_workers * (config.prefetch_factor or 0),
+            epoch_batches=epoch,
+            warmup_batches=warmup if epoch is None or epoch > warmup + 1 else None,
+        )
+        return DataLoader(self.dataset, **kwargs), shape
 
     def _make_step(self, config: LoaderConfig) -> Callable[[Any], None]:
         device, pin = self.device, config.pin_memory
@@ -448,164 +328,45 @@ class TrainingProbe(Probe):
             torch.cuda.synchronize(self.device)
 
     def _run(self, config: LoaderConfig, window: Window, dog: MemoryWatchdog,
-             alarm: _Alarm) -> Measurement:
-        clock = self.clock
-        step = self._make_step(config)
-        # Batches before measuring: the first (start-up) and one more (lazy init, caches), or
-        # as many as the workers queue while starting (set below for whole epochs).
-        warmup = max(2, config.num_workers * (config.prefetch_factor or 0))
-        kwargs = config.dataloader_arguments(self.loader_options, timeout=window.deadline)
-        made: Any = None  # batches made by each worker, when there are workers
-        if config.num_workers > 0:
-            context = kwargs.get("multiprocessing_context")
-            if isinstance(context, str):
-                context = multiprocessing.get_context(context)
-            made = (context or multiprocessing).RawArray("q", config.num_workers)
-            kwargs["collate_fn"] = _CountingCollate(kwargs.get("collate_fn") or default_collate,
-                                                    made)
-        start = clock()
-        loader: DataLoader[Any] = DataLoader(self.dataset, **kwargs)
+             alarm: Alarm) -> tuple[Timing, int]:
+        """Epochs back to back until the recorder has seen enough; the timing and the bytes of
+        one batch."""
+        clock, step = self.clock, self._make_step(config)
+        before = child_pids()
+        loader, shape = self._loader(config, window)
+        recorder = Recorder(shape, window)
+        workers: set[int] = set()
+        size = 0
+        recorder.start(clock())
         it: Iterator[Any] = iter(loader)
-        seen = samples = batches = 0
-        startup = warmup_end = steady_start = last_step = 0.0
-        wait = 0.0
-        warming = True
-        cut_short = False
-        waits: list[_Point] = []  # where the steady fetches that waited on the workers began
-        marks: list[tuple[float, int]] = []  # (time, samples so far) after each steady batch
-        produced: list[int] = []  # batches the workers had made when each steady fetch began
-        epoch_batches, epoch_starts = _epoch_batches(loader), 1
-        epochs: list[_Point] = []  # where the epochs begun since the steady window began
-        whole_epochs = made is not None and epoch_batches <= (
-            config.num_workers * (config.prefetch_factor or 2))
-        if whole_epochs:
-            # Measured from one epoch's end to another's, when nothing is queued: the queue
-            # start-up filled needs no draining, only the first steps' lazy init.
-            warmup = 2
         try:
-            while True:
-                if made is not None and not warming:
-                    produced.append(sum(made))
-                    if not whole_epochs and produced[-1] >= epoch_starts * epoch_batches:
-                        # The workers have made the whole epoch: the step now eats their stock
-                        # alone (with the cores to itself), and the next epoch starts with an
-                        # empty queue. Only whole epochs, from one's end to another's, weigh
-                        # the two as a training run does.
-                        whole_epochs = True
-                fetch = clock()
+            verdict = "go"
+            while verdict == "go":
+                begin, cpu = clock(), time.thread_time()
                 batch = next(it, _END)
                 if batch is _END:  # epochs run back to back; persistent workers stay up
-                    if not warming:
-                        epochs.append((fetch, samples, batches))
-                        if whole_epochs and len(epochs) >= 2 and (
-                            batches >= window.max_batches
-                            or (fetch - steady_start >= window.seconds
-                                and batches >= window.min_batches)
-                        ):
-                            break  # whole epochs measured: no need to start another
+                    if self.device.type == "cuda":  # the epoch ends when its kernels do
+                        self._sync()
+                        begin = clock()
+                    verdict = self._epoch_end(recorder, begin, workers)
                     it = iter(loader)
-                    epoch_starts += 1
-                    batch = next(it, _END)
-                    if batch is _END:
-                        raise DatasetError(
-                            "the DataLoader yielded no batch in a whole epoch; check the data "
-                            "set's length and the sampler."
-                        )
-                got = clock()
+                    continue
+                got, fetch_cpu = clock(), time.thread_time() - cpu
                 step(batch)
-                stepped = last_step = clock()
+                done = clock()
                 dog.raise_if_exceeded()
                 self._check_gpu_cap()
-                seen += 1
-                if seen == 1:
-                    startup = got - start
+                n = _batch_len(batch) or config.batch_size
+                verdict = recorder.batch(begin=begin, got=got, done=done, samples=n,
+                                         fetch_cpu=fetch_cpu, main_cpu=time.process_time())
+                if not size:
+                    size = batch_bytes(batch)
+                    workers = child_pids() - before
                     if window.time_limit is not None:
                         alarm.soft_in(window.time_limit - (clock() - got))
-                over_time = (window.time_limit is not None
-                             and clock() - start - startup > window.time_limit)
-                if warming and over_time:
-                    raise _OutOfTime
-                if warming:
-                    # Warm-up drains the batches the workers queued during start-up, which would
-                    # flatter the rate of a loader slower than the step. It ends early once a
-                    # fetch had to wait on the workers (the queue is empty: drained), or after
-                    # max_warmup seconds of no waiting: then the step is the slower side and the
-                    # queue's content does not change the rate.
-                    warmed = clock() - start - startup
-                    drained = seen >= 2 and got - fetch > max(1e-3, 0.25 * (stepped - got))
-                    if seen >= warmup or drained or (seen >= 2 and warmed >= window.max_warmup):
-                        self._sync()
-                        warmup_end = steady_start = clock()
-                        warming = False
-                    continue
-                if (config.num_workers > 0
-                        and got - fetch > max(1e-3, 0.25 * (stepped - got))):
-                    waits.append((fetch, samples, batches))
-                batches += 1
-                samples += _batch_len(batch) or config.batch_size
-                wait += got - fetch
-                marks.append((stepped, samples))
-                elapsed = clock() - steady_start
-                # When the workers are asked for a whole epoch at once, they make it and then
-                # idle until the next: measure whole epochs, from one's start to another's.
-                # Otherwise workers that keep the step waiting deliver batches in bursts, up to
-                # one per worker: measure two bursts at least past the first wait, not part of
-                # one.
-                if whole_epochs:
-                    cycled = len(epochs) >= 2
-                else:
-                    cycled = (not waits or wait < 0.1 * elapsed
-                              or batches - waits[0][2] > 2 * config.num_workers)
-                if batches >= window.max_batches or (
-                    elapsed >= window.seconds and batches >= window.min_batches and cycled
-                ):
-                    break
-                if over_time or (window.abandon_below is not None and batches >= window.min_batches
-                                 and elapsed >= window.seconds / 3
-                                 and samples < window.abandon_below * elapsed):
-                    cut_short = True
-                    break
-            self._sync()
-            if made is not None:
-                produced.append(sum(made))
-            if whole_epochs and len(epochs) >= 2:
-                first, last = epochs[0], epochs[-1]
-            elif whole_epochs:  # cut short before a whole epoch was measured
-                raise _OutOfTime
-            else:
-                first, last = _steady_span(waits, (steady_start, 0, 0),
-                                           (clock(), samples, batches))
-            steady_start, seconds = first[0], last[0] - first[0]
-            samples, batches = last[1] - first[1], last[2] - first[2]
-            # Batches taken from the workers' queue faster than they make new ones only drain
-            # it, which cannot last: count what the workers made in the span when that is less.
-            samples = round(samples * _made_share(produced, first[2], last[2]))
-            marks = [(t, s - first[1]) for t, s in marks[first[2]:last[2]]]
-            rate_cv = None if cut_short else window_cv(steady_start, marks,
-                                                       min_block=config.num_workers)
-        except _OutOfTime:
-            alarm.soft_off()
-            cut_short, rate_cv = True, None
-            # Up to the last step that ended: the batch in progress is neither counted nor timed.
-            warmup_end = warmup_end or clock()
-            if whole_epochs and epochs and batches > epochs[0][2]:
-                # Inside the second epoch: from the first one's end, the refill included.
-                steady_start = epochs[0][0]
-                samples, batches = samples - epochs[0][1], batches - epochs[0][2]
-            elif made is not None and (batches == 0 or whole_epochs):
-                # Workers make batches side by side and deliver them in bursts: with no epoch
-                # end to measure from, only the time since the loader was built is safe.
-                samples, batches = seen * config.batch_size, seen
-                steady_start = start
-            elif batches == 0:  # still warming up: measure what came after the first batch
-                samples, batches = (seen - 1) * config.batch_size, seen - 1
-                steady_start = start + startup
-            elif len(produced) > batches:  # cut inside the steady window: as above
-                samples = round(samples * _made_share(produced, 0, batches))
-            end = last_step
-            if batches <= 0:  # not even a second batch in time: the first, start-up included
-                samples, batches, steady_start, end = config.batch_size, 1, start, clock()
-            seconds = end - steady_start
+            interrupted = False
+        except OutOfTime:
+            interrupted = True
         except BaseException as exc:
             # The traceback's frames hold the iterator (DataLoader's own methods have it as
             # `self`), which would keep its workers alive until the exception is gone.
@@ -613,20 +374,27 @@ class TrainingProbe(Probe):
             raise
         finally:
             alarm.soft_off()
-            # Drop the only references so the workers shut down now, even while an exception's
-            # traceback keeps this frame alive.
-            del it, loader
-        return Measurement(
-            samples_per_second=samples / seconds if seconds > 0 else 0.0,
-            startup_seconds=startup,
-            warmup_seconds=warmup_end - start,
-            seconds=seconds,
-            samples=samples,
-            batches=batches,
-            data_wait_fraction=min(1.0, wait / seconds) if seconds > 0 else 0.0,
-            cut_short=cut_short,
-            rate_cv=rate_cv,
-        )
+        if self.device.type == "cuda" and not interrupted:
+            self._sync()
+            recorder.synced(clock())
+        if recorder.measuring and recorder.worker_cpu is not None:
+            recorder.worker_cpu = (recorder.worker_cpu[0], cpu_seconds(workers))
+        # Drop the only references so the workers shut down now.
+        del it, loader
+        return recorder.timing(interrupted=interrupted), size
+
+    @staticmethod
+    def _epoch_end(recorder: Recorder, t: float, workers: set[int]) -> str:
+        if recorder.batches_seen == 0:
+            raise DatasetError(
+                "the DataLoader yielded no batch in a whole epoch; check the data set's length "
+                "and the sampler."
+            )
+        measuring = recorder.measuring
+        verdict = recorder.epoch_end(t)
+        if not measuring and recorder.measuring and workers:
+            recorder.worker_cpu = (cpu_seconds(workers), 0.0)
+        return verdict
 
     def step_rate(self, config: LoaderConfig, window: Window) -> float | None:
         if self.model is None:
@@ -657,6 +425,3 @@ class TrainingProbe(Probe):
             peak = torch.cuda.max_memory_allocated(self.device)
             if peak > self.gpu_memory_cap:
                 raise MemoryCapExceeded("GPU", peak, self.gpu_memory_cap)
-
-
-_END = object()

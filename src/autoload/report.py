@@ -14,8 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from autoload.memory import format_size
-from autoload.result import TuneResult
-from autoload.tuner import ProgressEvent
+from autoload.result import ProgressEvent, TuneResult
 
 __all__ = ["LiveProgress", "render_report", "snippet"]
 

@@ -1,4 +1,5 @@
-"""Frozen records of trials and the tune result; JSON in and out."""
+"""Frozen records: a probe's measurement, trials, finalists, progress and the tune result;
+JSON in and out."""
 
 from __future__ import annotations
 
@@ -6,26 +7,80 @@ import json
 import os
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from autoload.config import AmpDtype, LoaderConfig
 from autoload.errors import ResultFileError
+from autoload.timing import Costs
 
-__all__ = ["FinalistRecord", "TrialRecord", "TuneResult"]
+__all__ = [
+    "FinalistRecord", "Measurement", "ProgressCallback", "ProgressEvent", "TrialRecord",
+    "TuneResult",
+]
 
 TrialState = Literal["ok", "infeasible", "failed", "repeat"]
+Role = Literal["candidate", "defaults", "recipe"]
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
+def costs_to_dict(costs: Costs | None) -> dict[str, Any] | None:
+    return None if costs is None else asdict(costs)
+
+
+def costs_from_dict(data: dict[str, Any] | None) -> Costs | None:
+    return None if data is None else Costs(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measurement:
+    """What one probe saw.
+
+    Attributes:
+        samples_per_second: What a training run gets: samples over whole epochs (measured, or
+            projected from the window for an epoch longer than it), start-up excluded.
+        startup_seconds: From building the loader to the first batch (worker start-up).
+        warmup_seconds: From building the loader to the end of warm-up.
+        seconds: Length of the measured span.
+        samples: Samples in the measured span.
+        batches: Batches in the measured span.
+        epochs: Whole epochs in the measured span (0: the epoch was projected).
+        data_wait_fraction: Share of the measured span spent waiting for the next batch.
+        peak_host_bytes: Peak memory of the main process plus all workers (PSS).
+        peak_gpu_bytes: Peak GPU memory allocated, or ``None`` off CUDA.
+        cut_short: The window ended early (a time limit, or a rate clearly too low); such a
+            rate errs low.
+        rate_cv: How much the rate of a window like this one varies (its coefficient of
+            variation), from the spread of the rate over consecutive blocks of its batches;
+            ``None`` for a window cut short or of fewer than 4 batches.
+        costs: Per-batch costs for the pipeline model, when the probe measured them.
+    """
+
+    samples_per_second: float
+    startup_seconds: float = 0.0
+    warmup_seconds: float = 0.0
+    seconds: float = 0.0
+    samples: int = 0
+    batches: int = 0
+    epochs: int = 0
+    data_wait_fraction: float = 0.0
+    peak_host_bytes: int = 0
+    peak_gpu_bytes: int | None = None
+    cut_short: bool = False
+    rate_cv: float | None = None
+    costs: Costs | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrialRecord:
     """One trial of the search.
 
     ``state`` is ``ok`` (measured), ``infeasible`` (crossed a memory cap or ran out of GPU
     memory), ``failed`` (a worker died, hung, or the user's code raised) or ``repeat`` (a
-    configuration already measured, not run again).
+    configuration already measured, not run again). ``predicted`` is the pipeline model's rate
+    for it before it was measured, when the model had one.
     """
 
     number: int
@@ -37,28 +92,35 @@ class TrialRecord:
     peak_host_bytes: int | None = None
     peak_gpu_bytes: int | None = None
     reason: str | None = None
+    cut_short: bool = False
+    predicted: float | None = None
+    costs: Costs | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["config"] = self.config.to_dict()
+        data["costs"] = costs_to_dict(self.costs)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialRecord:
-        return cls(**{**data, "config": LoaderConfig.from_dict(data["config"])})
+        return cls(**{**data, "config": LoaderConfig.from_dict(data["config"]),
+                      "costs": costs_from_dict(data.get("costs"))})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinalistRecord:
-    """A configuration re-measured side by side with the others at the end of the search."""
+    """A configuration re-measured side by side with the others at the end of the search;
+    ``predicted`` is the pipeline model's rate for it, when it had one."""
 
     config: LoaderConfig
     rates: tuple[float, ...]
-    role: Literal["candidate", "defaults", "recipe"] = "candidate"
+    role: Role = "candidate"
     startup_seconds: float | None = None
     peak_host_bytes: int | None = None
     peak_gpu_bytes: int | None = None
     data_wait_fraction: float | None = None
+    predicted: float | None = None
 
     @property
     def median(self) -> float:
@@ -78,7 +140,35 @@ class FinalistRecord:
                       "rates": tuple(data["rates"])})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class ProgressEvent:
+    """Sent to the ``progress`` callback after each trial and each final measurement.
+
+    Attributes:
+        phase: ``"search"`` while the study runs, ``"final"`` during the re-measure.
+        done: Trials (or final measurements) done so far in this phase.
+        total: Trials (or measurements) planned, when known.
+        elapsed: Seconds since tuning started.
+        budget: The whole run's budget in seconds, if any.
+        best: Best rate seen so far, in samples per second.
+        best_config: The configuration that reached it.
+        last: The trial just finished (search phase only).
+    """
+
+    phase: Literal["search", "final"]
+    done: int
+    total: int | None
+    elapsed: float
+    budget: float | None
+    best: float | None
+    best_config: LoaderConfig | None
+    last: TrialRecord | None = None
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True, kw_only=True)
 class TuneResult:
     """The outcome of :func:`autoload.tune`.
 
@@ -102,6 +192,8 @@ class TuneResult:
             defaults, ``num_workers=0``), when measured.
         noise_cv: How much one second of measuring one configuration varied from run to run
             (coefficient of variation), as estimated during the search.
+        limit: What the pipeline model says bounds the winner (e.g. ``"the training step"``,
+            ``"the CPU cores"``, ``"each epoch's start"``), when it had costs to model.
     """
 
     config: LoaderConfig
@@ -119,6 +211,7 @@ class TuneResult:
     step_rate: float | None = None
     fetch_rate: float | None = None
     noise_cv: float | None = None
+    limit: str | None = None
 
     @property
     def bound(self) -> Literal["data loading", "training step"]:
@@ -163,6 +256,7 @@ class TuneResult:
             "step_rate": self.step_rate,
             "fetch_rate": self.fetch_rate,
             "noise_cv": self.noise_cv,
+            "limit": self.limit,
             "format_version": FORMAT_VERSION,
         }
         return json.dumps(data, indent=indent)
@@ -194,6 +288,7 @@ class TuneResult:
                 step_rate=data.get("step_rate"),
                 fetch_rate=data.get("fetch_rate"),
                 noise_cv=data.get("noise_cv"),
+                limit=data.get("limit"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ResultFileError(

@@ -8,9 +8,10 @@ with a model, so no trial is spent on settings that cannot differ.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -107,7 +108,7 @@ def _worker_ladder(max_workers: int) -> list[int]:
     return sorted(w for w in ladder if w <= max_workers)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SearchSpace:
     """The values each tuned parameter may take; a single value means the parameter is fixed."""
 
@@ -136,7 +137,8 @@ class SearchSpace:
         if len(self.amp) > 1:
             choice = trial.suggest_categorical("amp", [a or "off" for a in self.amp])
             amp = None if choice == "off" else choice  # type: ignore[assignment]
-        return LoaderConfig(batch_size, workers, prefetch, pin, amp, self.drop_last)
+        return LoaderConfig(batch_size, num_workers=workers, prefetch_factor=prefetch,
+                            pin_memory=pin, amp=amp, drop_last=self.drop_last)
 
     @staticmethod
     def _index(trial: optuna.Trial, name: str, values: tuple[Any, ...]) -> int:
@@ -158,6 +160,14 @@ class SearchSpace:
         if len(self.amp) > 1:
             params["amp"] = config.amp or "off"
         return params
+
+    def configs(self) -> Iterator[LoaderConfig]:
+        """Every configuration of the space."""
+        for batch, workers, pin, amp in itertools.product(
+                self.batch_sizes, self.worker_counts, self.pin_memory, self.amp):
+            for prefetch in (self.prefetch_factors if workers else (None,)):
+                yield LoaderConfig(batch, num_workers=workers, prefetch_factor=prefetch,
+                                   pin_memory=pin, amp=amp, drop_last=self.drop_last)
 
     def contains(self, config: LoaderConfig) -> bool:
         return (
@@ -184,13 +194,13 @@ class SearchSpace:
         batch = min(self.batch_sizes, key=lambda b: (abs(b - _REFERENCE_BATCH), b))
         w0 = self.worker_counts[0]
         defaults = LoaderConfig(
-            batch, w0, self._prefetch_near(w0, 2), min(self.pin_memory), self._amp_off(),
-            self.drop_last,
+            batch, num_workers=w0, prefetch_factor=self._prefetch_near(w0, 2),
+            pin_memory=min(self.pin_memory), amp=self._amp_off(), drop_last=self.drop_last,
         )
         workers = min(self.worker_counts, key=lambda w: (abs(w - self.cpus), -w))
         recipe = LoaderConfig(
-            batch, workers, self._prefetch_near(workers, 2), max(self.pin_memory),
-            self._amp_off(), self.drop_last,
+            batch, num_workers=workers, prefetch_factor=self._prefetch_near(workers, 2),
+            pin_memory=max(self.pin_memory), amp=self._amp_off(), drop_last=self.drop_last,
         )
         return defaults, recipe
 
@@ -325,4 +335,6 @@ def build_space(
     else:
         amps = (None,)
 
-    return SearchSpace(batches, workers, prefetch, pins, amps, drop_last, cpus, n)
+    return SearchSpace(batch_sizes=batches, worker_counts=workers, prefetch_factors=prefetch,
+                       pin_memory=pins, amp=amps, drop_last=drop_last, cpus=cpus,
+                       samples_per_epoch=n)

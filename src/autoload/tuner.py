@@ -13,27 +13,28 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from autoload.budget import Budget
 from autoload.errors import ConfigError, DatasetError
 from autoload.final import finish
 from autoload.memory import default_memory_cap, parse_size
+from autoload.pipeline import PipelineModel
+from autoload.plan import PlannedSampler, Planner
 from autoload.probe import LossFn, Probe, StepFn, TrainingProbe, Window
-from autoload.result import TuneResult
-from autoload.space import AmpChoice, build_space, cpu_has_native_bf16
-from autoload.study import (
-    ProgressCallback,
-    ProgressEvent,
+from autoload.result import ProgressCallback, TuneResult
+from autoload.search import (
     SearchState,
     load_previous,
     measure_pilot,
     no_feasible_error,
     widen_for_slow_fetches,
 )
+from autoload.space import AmpChoice, SearchSpace, build_space, cpu_has_native_bf16
 
-__all__ = ["ProgressEvent", "best_loader", "tune"]
+__all__ = ["best_loader", "tune"]
 
 _TUNED_KEYS = ("batch_size", "num_workers", "pin_memory", "prefetch_factor",
                "persistent_workers", "drop_last")
-_STARTUP_TRIALS = 6  # random trials (after the baselines) before TPE models the surface
+_STARTUP_TRIALS = 6  # random trials before the fallback TPE models the surface
 
 
 def _samples_per_epoch(dataset: Any, loader_options: Mapping[str, Any]) -> int | None:
@@ -122,8 +123,10 @@ def tune(
 ) -> TuneResult:
     """Find the fastest DataLoader settings for ``dataset`` (and ``model``) on this machine.
 
-    An Optuna study (TPE, seeded) probes short training windows; PyTorch's defaults and the common
-    hand-tuned recipe run first. At the end the best few configurations and both baselines are
+    An Optuna study probes short training windows; PyTorch's defaults and the common hand-tuned
+    recipe run first. A model of the loading pipeline, calibrated from the first windows' costs,
+    predicts every configuration and the study measures the promising ones (see
+    ``docs/search.md``). At the end the best few configurations and both baselines are
     re-measured side by side, interleaved, and the best median wins, so the answer is never worse
     than either baseline. The model, its optimizer and the RNG states are restored bit for bit.
 
@@ -180,6 +183,61 @@ def tune(
     """
     start = clock()
     loader_options = dict(loader_options or {})
+    _check_arguments(loader_options, timeout=timeout, n_trials=n_trials, model=model,
+                     optimizer=optimizer, loss_fn=loss_fn, step=step,
+                     n_finalists=n_finalists, final_rounds=final_rounds)
+    n = _samples_per_epoch(dataset, loader_options)
+    resolved = _resolve_device(device, model)
+    notes: list[str] = []
+    if n is None and not sharded and num_workers is None:
+        num_workers = 0
+        notes.append("IterableDataset: kept num_workers=0, since each worker would replay the "
+                     "whole stream; pass sharded=True (--sharded) if it shards itself.")
+    cuda = resolved.type == "cuda"
+    space_args: dict[str, Any] = dict(
+        device_type=resolved.type, has_model=model is not None, batch_size=batch_size,
+        min_batch_size=min_batch_size, max_batch_size=max_batch_size, drop_last=drop_last,
+        num_workers=num_workers, max_workers=max_workers, prefetch_factor=prefetch_factor,
+        pin_memory=pin_memory, amp=amp,
+        bf16_supported=torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(),
+    )
+    space = build_space(n, **space_args)
+    notes += _space_notes(space, cuda=cuda, has_model=model is not None, amp=amp)
+    if probe is None:
+        probe = _default_probe(dataset, resolved, model=model, loss_fn=loss_fn,
+                               optimizer=optimizer, step=step, loader_options=loader_options,
+                               memory_cap=memory_cap, gpu_memory_cap=gpu_memory_cap, clock=clock)
+    seconds = 1.0 if timeout is None else min(5.0, max(0.25, timeout / 60))
+    state = SearchState(space, probe, window=Window(seconds=seconds,
+                                                     deadline=max(20.0, 10 * seconds)),
+                        budget=Budget(timeout, start=start, clock=clock), n_trials=n_trials,
+                        progress=progress, n_finalists=n_finalists, final_rounds=final_rounds)
+    model_of_pipeline = PipelineModel(cores=space.cpus, samples_per_epoch=n, drop_last=drop_last)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        study = _study(state, model_of_pipeline, seed=seed, storage=storage,
+                       study_name=study_name)
+        load_previous(study, state)
+        pilot = measure_pilot(state, space.baselines()[0])
+        if num_workers is None and max_workers is None:
+            space = widen_for_slow_fetches(state, space, pilot, n, space_args, notes)
+        _enqueue_baselines(study, state, space)
+        # The first trial is the pilot's, already measured: it costs nothing, and the callback
+        # stops the study after it if the budget is spent.
+        study.optimize(state.objective, n_trials=n_trials, callbacks=[state.callback])
+        if state.best() is None:
+            raise no_feasible_error(state)
+        return finish(state, model=model_of_pipeline if model_of_pipeline.ready else None,
+                      device=str(resolved), samples_per_epoch=n, notes=notes)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _check_arguments(loader_options: Mapping[str, Any], *, timeout: float | None,
+                     n_trials: int | None, model: nn.Module | None,
+                     optimizer: torch.optim.Optimizer | None, loss_fn: LossFn | None,
+                     step: StepFn | None, n_finalists: int, final_rounds: int) -> None:
     clash = [k for k in _TUNED_KEYS if k in loader_options]
     if clash:
         raise ConfigError(
@@ -201,73 +259,53 @@ def tune(
         raise ConfigError(f"`n_finalists >= 1` and `final_rounds >= 1` must hold, but got "
                           f"({n_finalists=}, {final_rounds=}).")
 
-    n = _samples_per_epoch(dataset, loader_options)
-    resolved = _resolve_device(device, model)
-    notes: list[str] = []
-    if n is None and not sharded and num_workers is None:
-        num_workers = 0
-        notes.append("IterableDataset: kept num_workers=0, since each worker would replay the "
-                     "whole stream; pass sharded=True (--sharded) if it shards itself.")
-    cuda = resolved.type == "cuda"
-    space_args: dict[str, Any] = dict(
-        device_type=resolved.type, has_model=model is not None, batch_size=batch_size,
-        min_batch_size=min_batch_size, max_batch_size=max_batch_size, drop_last=drop_last,
-        num_workers=num_workers, max_workers=max_workers, prefetch_factor=prefetch_factor,
-        pin_memory=pin_memory, amp=amp,
-        bf16_supported=torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(),
-    )
-    space = build_space(n, **space_args)
-    if model is not None and amp == "auto" and not cuda and None in space.amp \
-            and len(space.amp) == 1:
+
+def _space_notes(space: SearchSpace, *, cuda: bool, has_model: bool,
+                 amp: AmpChoice) -> list[str]:
+    notes = []
+    if has_model and amp == "auto" and not cuda and space.amp == (None,):
         notes.append("bf16 autocast left out: this CPU has no native bf16 (avx512_bf16 or "
                      "amx_bf16), so it would be emulated; pass amp='bfloat16' to measure it.")
     if not cuda:
         notes.append("pin_memory stays False: it only helps copies to a CUDA device.")
+    return notes
 
-    if probe is None:
-        host_cap = default_memory_cap() if memory_cap is None else parse_size(memory_cap)
-        gpu_cap = None
-        if cuda:
-            gpu_cap = (int(0.9 * torch.cuda.get_device_properties(resolved).total_memory)
-                       if gpu_memory_cap is None else parse_size(gpu_memory_cap))
-        probe = TrainingProbe(dataset, device=resolved, model=model, loss_fn=loss_fn,
-                              optimizer=optimizer, step=step, loader_options=loader_options,
-                              memory_cap=host_cap, gpu_memory_cap=gpu_cap, clock=clock)
 
-    seconds = 1.0 if timeout is None else min(5.0, max(0.25, timeout / 60))
-    window = Window(seconds=seconds, deadline=max(20.0, 10 * seconds), max_warmup=2 * seconds)
-    state = SearchState(space, probe, window=window, clock=clock, start=start, budget=timeout,
-                        n_trials=n_trials, progress=progress, n_finalists=n_finalists,
-                        final_rounds=final_rounds)
+def _default_probe(dataset: Dataset[Any], device: torch.device, *, model: nn.Module | None,
+                   loss_fn: LossFn | None, optimizer: torch.optim.Optimizer | None,
+                   step: StepFn | None, loader_options: Mapping[str, Any],
+                   memory_cap: int | str | None, gpu_memory_cap: int | str | None,
+                   clock: Callable[[], float]) -> TrainingProbe:
+    host_cap = default_memory_cap() if memory_cap is None else parse_size(memory_cap)
+    gpu_cap = None
+    if device.type == "cuda":
+        gpu_cap = (int(0.9 * torch.cuda.get_device_properties(device).total_memory)
+                   if gpu_memory_cap is None else parse_size(gpu_memory_cap))
+    return TrainingProbe(dataset, device=device, model=model, loss_fn=loss_fn,
+                         optimizer=optimizer, step=step, loader_options=loader_options,
+                         memory_cap=host_cap, gpu_memory_cap=gpu_cap, clock=clock)
 
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        # Multivariate TPE models batch size and workers jointly (their effects interact);
-        # group=True lets it do so although prefetch_factor exists only with workers.
-        with warnings.catch_warnings():  # `group` is marked experimental; we pin optuna>=5
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                                 n_startup_trials=_STARTUP_TRIALS)
-        study = optuna.create_study(
-            direction="maximize", sampler=sampler, storage=storage, study_name=study_name,
-            load_if_exists=storage is not None,
-        )
-        load_previous(study, state)
-        defaults, recipe = space.baselines()
-        pilot = measure_pilot(state, defaults)
-        if num_workers is None and max_workers is None:
-            space = widen_for_slow_fetches(state, space, pilot, n, space_args, notes)
-            defaults, recipe = space.baselines()
-        state.baselines = (defaults, recipe)
-        for baseline in (defaults, recipe):
-            study.enqueue_trial(space.params(baseline), skip_if_exists=True)
-        study.optimize(state.objective, n_trials=n_trials, callbacks=[state.callback])
-        if state.best() is None:
-            raise no_feasible_error(state)
-        return finish(state, device=str(resolved), samples_per_epoch=n, notes=notes)
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+
+def _study(state: SearchState, model: PipelineModel, *, seed: int, storage: str | None,
+           study_name: str | None) -> optuna.Study:
+    """The Optuna study, sampled by the planner (TPE where the model cannot help: a probe
+    that reports no costs)."""
+    with warnings.catch_warnings():  # `group` is marked experimental; we pin optuna>=5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        fallback = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                              n_startup_trials=_STARTUP_TRIALS)
+    return optuna.create_study(
+        direction="maximize", sampler=PlannedSampler(Planner(state, model), fallback),
+        storage=storage, study_name=study_name, load_if_exists=storage is not None,
+    )
+
+
+def _enqueue_baselines(study: optuna.Study, state: SearchState, space: SearchSpace) -> None:
+    """PyTorch's defaults (measured by the pilot) and the recipe are the first two trials."""
+    state.baselines = space.baselines()
+    for baseline in state.baselines:
+        study.enqueue_trial(space.params(baseline), skip_if_exists=True)
+
 
 def best_loader(dataset: Dataset[Any], *, result: TuneResult | None = None,
                 **kwargs: Any) -> DataLoader[Any]:

@@ -1,0 +1,224 @@
+"""The oracle: every point of a case's fixed grid measured once, and its best point.
+
+Cases with a model prune points that cannot win (their training step alone is slower than
+0.8 x the best rate so far); slow points are cut short after ``--point-limit`` and measured
+again whole when they come near the best, so the oracle always rests on a whole measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from cases import Case
+from common import log
+from grid import build_grid, log_spaced_divisors
+from settings import PRUNE_MARGIN, Settings
+from torch.utils.data import DataLoader
+
+from autoload import LoaderConfig, Probe, Window
+from autoload.alarm import Alarm, OutOfTime
+from autoload.result import costs_to_dict
+
+# A warm-up step of WARMUP_SETTLES s or more runs at most WARMUP_SLACK x slower than later steps
+# (its one-off costs, kernel choice and allocation, are small next to a step that long).
+WARMUP_SETTLES, WARMUP_SLACK = 1.0, 3.0
+
+Bound = Callable[[LoaderConfig, float], float]
+
+
+def error_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+
+
+def measure(probe: Probe, config: LoaderConfig, window: Window) -> dict[str, Any]:
+    """One measurement as a dict; a failure is recorded with its error and a rate of 0."""
+    began = time.perf_counter()
+    try:
+        m = probe.measure(config, window)
+    except Exception as exc:  # a failed point counts as 0
+        return {"config": config.to_dict(), "samples_per_second": 0.0,
+                "error": error_line(exc), "wall_seconds": time.perf_counter() - began}
+    return {
+        "config": config.to_dict(), "samples_per_second": m.samples_per_second, "error": None,
+        "wall_seconds": time.perf_counter() - began, "cut_short": m.cut_short,
+        "startup_seconds": m.startup_seconds, "warmup_seconds": m.warmup_seconds,
+        "seconds": m.seconds, "samples": m.samples, "batches": m.batches, "epochs": m.epochs,
+        "data_wait_fraction": m.data_wait_fraction, "peak_host_bytes": m.peak_host_bytes,
+        "peak_gpu_bytes": m.peak_gpu_bytes, "rate_cv": m.rate_cv,
+        "costs": costs_to_dict(m.costs),
+    }
+
+
+def window(seconds: float, settings: Settings, time_limit: float | None = None) -> Window:
+    return Window(seconds=seconds, deadline=max(settings.point_deadline, 10 * seconds),
+                  time_limit=time_limit)
+
+
+def step_bound(model: torch.nn.Module, loss: Any, dataset: Any, batch_size: int,
+               amp: str | None, min_seconds: float, device: torch.device | None = None,
+               below: float = 0.0) -> tuple[float, bool]:
+    """Samples/s of the training step alone on one batch already on ``device`` (default CPU): no
+    loader setting can beat it. Runs on a copy of the model (and a fresh SGD), so the case's model
+    is untouched. On CUDA, float16 runs without a GradScaler (a little faster: still a bound).
+
+    A slow warm-up step can settle it: when it took at least ``WARMUP_SETTLES`` seconds and even
+    ``WARMUP_SLACK`` x its rate is under ``below``, that is returned as the bound (second value
+    True) without timing more steps. The warm-up step is interrupted (the library's alarm,
+    between two native ops) once it has run that long, so it need not even finish."""
+    device = torch.device("cpu") if device is None else device
+    cuda = device.type == "cuda"
+    net = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    x, y = next(iter(DataLoader(dataset, batch_size=batch_size)))
+    if cuda:
+        x, y = x.to(device), y.to(device)
+    dtype = None if amp is None else getattr(torch, amp)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            value = loss(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        value.mean().backward()
+        optimizer.step()
+        if cuda:  # time the kernels, not their launch
+            torch.cuda.synchronize(device)
+
+    enough = max(WARMUP_SETTLES, WARMUP_SLACK * batch_size / below) if below > 0 else math.inf
+    began = time.perf_counter()
+    try:
+        with Alarm() as alarm:
+            if math.isfinite(enough):
+                alarm.soft_in(enough)
+            step()  # warm-up: allocator, kernels for this shape, autocast's weight cache
+            alarm.soft_off()
+    except OutOfTime:
+        pass  # interrupted: it has run long enough to settle the bound
+    warmup = time.perf_counter() - began
+    if warmup >= WARMUP_SETTLES and WARMUP_SLACK * batch_size / warmup < below:
+        return WARMUP_SLACK * batch_size / warmup, True
+    fastest, spent, steps = math.inf, 0.0, 0
+    while steps < 1 or (steps < 3 and spent < min_seconds):
+        began = time.perf_counter()
+        step()
+        took = time.perf_counter() - began
+        fastest, spent, steps = min(fastest, took), spent + took, steps + 1
+    return batch_size / fastest, False
+
+
+def run_grid(name: str, probe: Probe, grid: list[LoaderConfig], settings: Settings,
+             bound: Bound | None = None) -> tuple[list[dict[str, Any]], float]:
+    """Measure the grid in order; with ``bound`` (and not ``--exhaustive``), skip a point whose
+    step-alone bound is under ``PRUNE_MARGIN`` x the best rate measured so far (by a whole
+    measurement: one cut short errs low, and a bound is compared with real rates only).
+
+    A point is cut short ``settings.point_limit`` s after its first batch. Such a point that
+    comes within ``PRUNE_MARGIN`` x the best is measured again without the limit (its time
+    counts), so the oracle always rests on a whole measurement."""
+    limited = window(settings.grid_window, settings, settings.point_limit)
+    points: list[dict[str, Any]] = []
+    best = 0.0
+    began = time.perf_counter()
+    for i, config in enumerate(grid, 1):
+        limit = None if bound is None or settings.exhaustive else bound(config, best)
+        if limit is not None and limit < PRUNE_MARGIN * best:
+            points.append({"config": config.to_dict(), "samples_per_second": 0.0,
+                           "error": None, "skipped": True, "step_bound": limit})
+            log(f"[{name}] grid {i}/{len(grid)} {config.label()}: skipped, its step alone runs "
+                f"{limit:,.0f}/s < {PRUNE_MARGIN:g} x best {best:,.0f}/s")
+            continue
+        point = measure(probe, config, limited)
+        point["skipped"], point["step_bound"] = False, limit
+        points.append(point)
+        if not point.get("cut_short"):
+            best = max(best, point["samples_per_second"])
+        outcome = point["error"] or f"{point['samples_per_second']:,.0f}/s"
+        cut = ", cut short" if point.get("cut_short") else ""
+        log(f"[{name}] grid {i}/{len(grid)} {config.label()}: {outcome} "
+            f"({point['wall_seconds']:.1f} s{cut})")
+    _measure_contenders_whole(name, probe, points, settings)
+    return points, time.perf_counter() - began
+
+
+def _measure_contenders_whole(name: str, probe: Probe, points: list[dict[str, Any]],
+                              settings: Settings) -> None:
+    """Points cut short within ``PRUNE_MARGIN`` of the best, best first, measured again
+    without the limit until the best point is a whole measurement."""
+    while True:
+        best = max(p["samples_per_second"] for p in points)
+        contenders = [p for p in points if p.get("cut_short")
+                      and p["samples_per_second"] >= PRUNE_MARGIN * best]
+        if not contenders:
+            return
+        point = max(contenders, key=lambda p: p["samples_per_second"])
+        config = LoaderConfig.from_dict(point["config"])
+        again = measure(probe, config, window(settings.grid_window, settings))
+        again["skipped"], again["step_bound"] = False, point["step_bound"]
+        again["cut_short_first"] = {"samples_per_second": point["samples_per_second"],
+                                    "wall_seconds": point["wall_seconds"]}
+        again["cut_short"] = False  # measured whole now (a fault counts 0, as usual)
+        points[points.index(point)] = again
+        log(f"[{name}] grid {config.label()} again, whole: "
+            f"{again['error'] or format(again['samples_per_second'], ',.0f') + '/s'} "
+            f"({again['wall_seconds']:.1f} s; cut short it measured "
+            f"{point['samples_per_second']:,.0f}/s)")
+
+
+def measure_grid(case: Case, dataset: Any, model: Any, probe: Probe, settings: Settings,
+                 ) -> tuple[dict[str, Any], LoaderConfig | None, float]:
+    """Measure the case's grid: the JSON's grid block, the oracle and its rate."""
+    device = torch.device(settings.device)
+    batch_sizes = log_spaced_divisors(case.n, settings.batch_sizes, high=case.max_batch)
+    amps = settings.amps if model is not None else (None,)
+    grid = build_grid(batch_sizes, settings.workers, has_model=model is not None,
+                      prefetch_factors=settings.prefetch_factors, amps=amps,
+                      pin_memory=settings.pin_memory)
+    log(f"[{case.name}] {case.description}; n={case.n}, grid of {len(grid)} points")
+    bounds: dict[tuple[int, str | None], dict[str, Any]] = {}
+
+    def bound(config: LoaderConfig, best: float) -> float:
+        key = (config.batch_size, config.amp)
+        if key not in bounds:
+            began = time.perf_counter()
+            rate, warmup_only = step_bound(model, case.loss, dataset, config.batch_size,
+                                           config.amp, settings.grid_window / 3, device=device,
+                                           below=PRUNE_MARGIN * best)
+            bounds[key] = {"batch_size": key[0], "amp": key[1], "samples_per_second": rate,
+                           "seconds": time.perf_counter() - began, "warmup_only": warmup_only}
+        return float(bounds[key]["samples_per_second"])
+
+    points, grid_wall = run_grid(case.name, probe, grid, settings,
+                                 bound=None if model is None else bound)
+    best = max(range(len(points)), key=lambda i: points[i]["samples_per_second"])
+    oracle = grid[best] if points[best]["samples_per_second"] > 0 else None
+    block = {
+        "batch_sizes": batch_sizes, "num_workers": settings.workers,
+        "prefetch_factors": list(settings.prefetch_factors), "amp": list(amps),
+        "pin_memory": list(settings.pin_memory), "size": len(grid),
+        "measured": sum(not p["skipped"] for p in points),
+        "skipped": sum(p["skipped"] for p in points),
+        "prune_margin": None if settings.exhaustive else PRUNE_MARGIN,
+        "seconds": grid_wall, "step_bounds": list(bounds.values()), "points": points,
+    }
+    return block, oracle, float(points[best]["samples_per_second"])
+
+
+def reuse_grid(name: str, case: dict[str, Any], meta: dict[str, Any],
+               ) -> tuple[dict[str, Any], LoaderConfig | None, float]:
+    """The grid block, oracle and oracle rate of an earlier run's case, marked as reused."""
+    block = copy.deepcopy(case["grid"])
+    # where the points were measured: a grid reused twice keeps its first origin's time
+    block.setdefault("measured_started", meta.get("started"))
+    block["reused_from"] = meta.get("path")
+    old = case.get("oracle")
+    oracle = None if not old else LoaderConfig.from_dict(old["config"])
+    rate = 0.0 if not old else float(old["grid_samples_per_second"])
+    label = "none" if oracle is None else f"{oracle.label()} ({rate:,.0f}/s)"
+    log(f"[{name}] grid reused from {block['reused_from']}: {len(block['points'])} points, "
+        f"{float(block['seconds']):.0f} s, oracle {label}")
+    return block, oracle, rate

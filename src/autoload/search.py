@@ -1,0 +1,324 @@
+"""The search's state: trials measured one at a time, faults recorded, windows sized from the
+noise, the budget kept. The planner (:mod:`autoload.plan`) decides what to measure; this module
+measures it and keeps the books."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+import optuna
+
+from autoload.budget import FINAL_SHARE_MAX, MARGIN, Budget
+from autoload.config import LoaderConfig
+from autoload.errors import AutoloadError, TuningFailedError
+from autoload.memory import MemoryCapExceeded, is_oom
+from autoload.noise import Noise
+from autoload.probe import Measurement, Probe, TrialTimeout, Window
+from autoload.result import (
+    ProgressCallback,
+    ProgressEvent,
+    TrialRecord,
+    costs_from_dict,
+    costs_to_dict,
+)
+from autoload.space import SearchSpace, build_space
+
+__all__ = ["SearchState", "describe_error", "load_previous", "measure_pilot",
+           "no_feasible_error", "widen_for_slow_fetches"]
+
+FINAL_WINDOW = 1.5  # final windows are this much longer than the search's
+_OVERHEAD_GUESS = 0.3  # seconds a probe spends outside its window, until one is measured
+_SAME_FAILURES_TO_STOP = 3
+_NEGLIGIBLE_FETCH_SHARE = 0.1  # of the time spent fetching at num_workers=0
+WORKERS_PER_CPU = 4
+TRIAL_WINDOWS = 4  # a search trial's soft time limit, in windows
+_ABANDON_BELOW = 0.5  # of the best rate so far: a trial clearly under it stops early
+_REPEATS_TO_STOP = 25
+# A search window should be long enough that its rate varies by about SEARCH_CV from run to run,
+# within a factor 2 of the budget's default either way, and short enough for 20 trials.
+SEARCH_CV = 0.03
+MIN_SEARCH_TRIALS = 20
+PILOT_RUNS = 3  # windows of PyTorch's defaults measured before the study
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming the exception; for a worker's error, its original last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    name = type(exc).__name__
+    if not lines:
+        return name
+    if "DataLoader worker" in lines[0] and ("exited unexpectedly" in lines[0]
+                                            or "killed by signal" in lines[0]):
+        return f"worker died: {lines[0]}"
+    last = lines[-1]
+    if "in DataLoader worker process" in lines[0]:  # torch's re-raise: the original is last
+        return last
+    return last if last.startswith(name) else f"{name}: {last}"
+
+
+class SearchState:
+    """The state of one tuning run; :func:`autoload.tune` builds it, the planner reads it."""
+
+    def __init__(self, space: SearchSpace, probe: Probe, *, window: Window, budget: Budget,
+                 n_trials: int | None, progress: ProgressCallback | None,
+                 n_finalists: int, final_rounds: int) -> None:
+        self.space, self.probe, self.window, self.budget = space, probe, window, budget
+        self.clock = budget.clock
+        self.n_trials, self.progress = n_trials, progress
+        self.records: list[TrialRecord] = []
+        self.measured: dict[LoaderConfig, TrialRecord] = {}
+        self.failures: list[tuple[str, BaseException]] = []
+        self.repeats = 0
+        # Seconds each probe spent outside its window (start-up, warm-up, clean-up), by config.
+        self.overheads: dict[LoaderConfig, float] = {}
+        self.pilots: set[LoaderConfig] = set()  # measured before the study, not yet a trial
+        self.n_finalists, self.final_rounds = n_finalists, final_rounds
+        self.baselines: tuple[LoaderConfig, ...] = ()
+        self.base_seconds = window.seconds  # the budget's window, before any noise is known
+        self.noise = Noise()
+        self.predicted: dict[LoaderConfig, float] = {}  # the model's rate before measuring
+        self.exhausted = False  # the planner has nothing left worth measuring
+
+    # -- measuring -------------------------------------------------------------------------
+
+    def ok(self) -> list[TrialRecord]:
+        """Measured configurations, fastest first."""
+        return sorted((r for r in self.measured.values() if r.state == "ok"),
+                      key=lambda r: r.samples_per_second, reverse=True)
+
+    def best(self) -> TrialRecord | None:
+        ok = self.ok()
+        return ok[0] if ok else None
+
+    def measure(self, config: LoaderConfig, number: int) -> TrialRecord:
+        """Probe ``config`` once; a fault becomes a record with its reason, not an exception."""
+        began = self.clock()
+        best = self.best()
+        window = dataclasses.replace(
+            self.window,
+            abandon_below=None if best is None else _ABANDON_BELOW * best.samples_per_second,
+            time_limit=self._trial_time_limit(),
+        )
+        try:
+            m = self.probe.measure(config, window)
+        except AutoloadError:
+            raise
+        except Exception as exc:
+            record = self._fault(config, number, exc)
+        else:
+            record = self._record(number, config, m)
+            self.overheads[config] = self.clock() - began - m.seconds
+            if m.rate_cv is not None:
+                self.noise.add_window(rate_cv=m.rate_cv, seconds=m.seconds)
+                self.size_window()
+        self.measured[config] = record
+        return record
+
+    def _fault(self, config: LoaderConfig, number: int, exc: Exception) -> TrialRecord:
+        if isinstance(exc, MemoryCapExceeded):
+            return TrialRecord(number=number, config=config, state="infeasible",
+                               reason=str(exc))
+        if is_oom(exc):
+            return TrialRecord(number=number, config=config, state="infeasible",
+                               reason="CUDA out of memory")
+        reason = str(exc) if isinstance(exc, TrialTimeout) else describe_error(exc)
+        self.failures.append((reason, exc))
+        return TrialRecord(number=number, config=config, state="failed", reason=reason)
+
+    def _record(self, number: int, config: LoaderConfig, m: Measurement) -> TrialRecord:
+        return TrialRecord(
+            number=number, config=config, state="ok", samples_per_second=m.samples_per_second,
+            startup_seconds=m.startup_seconds, data_wait_fraction=m.data_wait_fraction,
+            peak_host_bytes=m.peak_host_bytes, peak_gpu_bytes=m.peak_gpu_bytes,
+            cut_short=m.cut_short, predicted=self.predicted.get(config), costs=m.costs,
+        )
+
+    def size_window(self) -> None:
+        """Windows long enough for a rate within ``SEARCH_CV``: from half the budget's default
+        up to twice it, as long as the search keeps room for ``MIN_SEARCH_TRIALS`` trials."""
+        lo, hi = self.base_seconds / 2, 2 * self.base_seconds
+        if self.budget.seconds is not None:
+            search = (1 - FINAL_SHARE_MAX - MARGIN) * self.budget.seconds
+            hi = max(lo, min(hi, search / MIN_SEARCH_TRIALS - self.overhead()))
+        self.window = dataclasses.replace(self.window,
+                                          seconds=self.noise.window_for(SEARCH_CV, lo, hi))
+
+    def _trial_time_limit(self) -> float:
+        """A trial may take a few windows past its first batch, but never the re-measure's
+        reserve."""
+        limit = TRIAL_WINDOWS * self.window.seconds
+        if self.budget.limited:
+            limit = min(limit, max(self.window.seconds, self.budget.search_left()))
+        return limit
+
+    def overhead(self, config: LoaderConfig | None = None) -> float:
+        """Seconds a probe of ``config`` spends outside its window (the median, if unknown)."""
+        if config in self.overheads:
+            return self.overheads[config]
+        return statistics.median(self.overheads.values()) if self.overheads else _OVERHEAD_GUESS
+
+    # -- the study -------------------------------------------------------------------------
+
+    def objective(self, trial: optuna.Trial) -> float:
+        config = self.space.suggest(trial)
+        trial.set_user_attr("config", config.to_dict())
+        known = self.measured.get(config)
+        if known is not None and config in self.pilots:
+            self.pilots.discard(config)  # measured before the study: this trial is its record
+            record = dataclasses.replace(known, number=trial.number)
+        elif known is not None:
+            self.repeats += 1
+            record = TrialRecord(number=trial.number, config=config, state="repeat",
+                                 samples_per_second=known.samples_per_second,
+                                 reason=known.reason)
+        else:
+            self.repeats = 0
+            record = self.measure(config, trial.number)
+        return self._finish(trial, record, known)
+
+    def _finish(self, trial: optuna.Trial, record: TrialRecord,
+                known: TrialRecord | None) -> float:
+        # Optuna's samplers read constraints: a positive value marks the trial infeasible.
+        outcome = known or record
+        trial.set_constraint("feasible", 0.0 if outcome.state == "ok" else 1.0)
+        trial.set_user_attr("state", record.state)
+        for name in ("reason", "startup_seconds", "data_wait_fraction", "peak_host_bytes"):
+            if getattr(record, name) is not None:
+                trial.set_user_attr(name, getattr(record, name))
+        if record.costs is not None:
+            trial.set_user_attr("costs", costs_to_dict(record.costs))
+        self.records.append(record)
+        if self.progress is not None:
+            best = self.best()
+            self.progress(ProgressEvent(
+                phase="search", done=len(self.records), total=self.n_trials,
+                elapsed=self.budget.elapsed(), budget=self.budget.seconds,
+                best=None if best is None else best.samples_per_second,
+                best_config=None if best is None else best.config, last=record,
+            ))
+        return record.samples_per_second
+
+    def finalists(self) -> dict[LoaderConfig, set[str]]:
+        """The best few measured configurations and the baselines that did not fault.
+
+        All of the best few, however far below the best they measured: one short window can
+        flatter a configuration by more than the noise estimate says, and only the
+        side-by-side re-measure can tell.
+        """
+        chosen = {r.config: {"candidate"} for r in self.ok()[: self.n_finalists]}
+        for role, config in zip(("defaults", "recipe"), self.baselines, strict=False):
+            known = self.measured.get(config)
+            if known is None or known.state == "ok":  # a baseline that faulted stays out
+                chosen.setdefault(config, set()).add(role)
+        return chosen
+
+    def plan_final_reserve(self) -> None:
+        """Keep back what the final re-measure needs, from each likely finalist's own start-up
+        cost (workers and warm-up differ a lot between configurations)."""
+        likely: list[LoaderConfig | None] = list(self.finalists())
+        likely += [None] * max(0, self.n_finalists + len(self.baselines) - len(likely))
+        per_round = sum(FINAL_WINDOW * self.window.seconds + self.overhead(c) for c in likely)
+        self.budget.keep_for_final(self.final_rounds * per_round + self.window.seconds)
+
+    def should_stop(self) -> bool:
+        self.plan_final_reserve()
+        if self.budget.limited and self.budget.search_left() <= (
+                self.window.seconds + self.overhead()):
+            return True
+        if (self.exhausted or self.repeats >= _REPEATS_TO_STOP
+                or len(self.measured) >= self.space.size):
+            return True
+        recent = self.failures[-_SAME_FAILURES_TO_STOP:]
+        return (self.best() is None and len(recent) == _SAME_FAILURES_TO_STOP
+                and len({reason for reason, _ in recent}) == 1)
+
+    def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.should_stop():
+            study.stop()
+
+
+def no_feasible_error(state: SearchState) -> TuningFailedError:
+    if state.failures:
+        reasons = {reason for reason, _ in state.failures}
+        reason, exc = state.failures[-1]
+        if len(reasons) == 1 and not all(r.state == "infeasible" for r in state.records):
+            error = TuningFailedError(
+                f"every trial failed with the same error from your code: {reason}; fix it, "
+                "then tune again."
+            )
+            error.__cause__ = exc
+            return error
+    seen = sorted({r.reason or r.state for r in state.records if r.state != "ok"})
+    return TuningFailedError(
+        "no configuration could be measured (" + "; ".join(seen[:3]) + "); raise the memory "
+        "cap (--memory-cap), lower max_batch_size, or fix the errors above."
+    )
+
+
+def measure_pilot(state: SearchState, defaults: LoaderConfig) -> TrialRecord:
+    """Measure PyTorch's defaults (trial 0 anyway) a few times, back to back, before the study.
+
+    Their spread tells how much one configuration's rate varies from run to run, which sizes the
+    search's windows; their mean is the trial's record.
+    """
+    known = state.measured.get(defaults)
+    if known is not None:  # a resumed study measured it before
+        return known
+    window, records = state.window, []
+    for _ in range(PILOT_RUNS):
+        state.window = window  # one window length for all: a rate's spread depends on it
+        record = state.measure(defaults, -1)
+        state.pilots.add(defaults)
+        if record.state != "ok":
+            return record
+        records.append(record)
+    rates = [r.samples_per_second for r in records]
+    state.noise.add_pilot(rates, window.seconds)
+    state.size_window()
+    record = dataclasses.replace(records[-1], samples_per_second=statistics.fmean(rates))
+    state.measured[defaults] = record
+    return record
+
+
+def widen_for_slow_fetches(state: SearchState, space: SearchSpace, record: TrialRecord,
+                           n: int | None, space_args: dict[str, Any],
+                           notes: list[str]) -> SearchSpace:
+    """When fetching items took more than a negligible share of the time under PyTorch's
+    defaults (``record``), search up to 4x the CPUs for workers.
+
+    Items that wait (disk, network) gain most from extra workers, but CPU-heavy items can gain too
+    while the model competes for the cores; cheap in-memory items keep ``num_workers=0`` in the
+    space either way.
+    """
+    share = record.data_wait_fraction
+    if share is None or share <= _NEGLIGIBLE_FETCH_SHARE:
+        if share is not None:
+            notes.append(f"num_workers searched up to the {space.cpus} CPUs: with "
+                         f"num_workers=0 fetching took only {share:.0%} of the time.")
+        return space
+    top = WORKERS_PER_CPU * space.cpus
+    notes.append(f"num_workers searched up to {top} ({WORKERS_PER_CPU}x the {space.cpus} CPUs): "
+                 f"with num_workers=0 fetching took {share:.0%} of the time.")
+    state.space = build_space(n, **{**space_args, "max_workers": top, "cpus": space.cpus})
+    return state.space
+
+
+def load_previous(study: optuna.Study, state: SearchState) -> None:
+    """Take a resumed study's measured trials as known, so they are not run again."""
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        data, kind = t.user_attrs.get("config"), t.user_attrs.get("state")
+        if data is None or kind not in ("ok", "infeasible", "failed"):
+            continue
+        config = LoaderConfig.from_dict(data)
+        if state.space.contains(config):
+            state.measured[config] = TrialRecord(
+                number=t.number, config=config, state=kind, samples_per_second=t.value or 0.0,
+                startup_seconds=t.user_attrs.get("startup_seconds"),
+                data_wait_fraction=t.user_attrs.get("data_wait_fraction"),
+                peak_host_bytes=t.user_attrs.get("peak_host_bytes"),
+                reason=t.user_attrs.get("reason"),
+                costs=costs_from_dict(t.user_attrs.get("costs")),
+            )
+
