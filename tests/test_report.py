@@ -155,9 +155,22 @@ def test_report_prints_the_snippet():
 
 
 def test_report_shows_the_step_alone_bound_and_what_binds_the_winner():
-    text = render(make_result(step_rate=4000.0))
-    assert "the training step alone" in text and "reaches" in text
-    assert "bound by" in text
+    text = render(make_result(step_rate=4000.0, limit="the CPU cores"))
+    assert "the training step alone" in text and "reaches 75% of it" in text
+    assert "bound by the CPU cores" in text
+
+
+def test_a_step_bound_the_winner_broke_is_not_printed_as_a_bound():
+    text = render(make_result(step_rate=2000.0))  # the winner measured 3,000/s
+    assert "reaches" not in text and "bounds nothing here" in text
+
+
+def test_report_shows_predicted_and_measured_rates_side_by_side():
+    finalists = tuple(replace(f, predicted=p) for f, p in
+                      zip(make_result().finalists, (3300.0, 1400.0, None), strict=True))
+    text = render(make_result(finalists=finalists))
+    assert "predicted" in text and "3,300" in text and "1,400" in text
+    assert "predicted" not in render(make_result())  # without a model, no such column
 
 
 def test_report_shows_the_fetch_rate_when_there_is_no_model():

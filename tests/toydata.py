@@ -128,3 +128,8 @@ class Uneven(Indexed):
     def __getitem__(self, i: int):
         time.sleep(self.seconds * (8 if (i // 16) % 4 == 0 else 1))
         return super().__getitem__(i)
+
+
+def init_that_raises(worker_id: int) -> None:
+    """A user's worker_init_fn: proves it ran, in the worker, by failing there."""
+    raise RuntimeError(f"the user's init ran in worker {worker_id}")

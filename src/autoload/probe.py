@@ -51,6 +51,7 @@ __all__ = [
     "TrialTimeout",
     "Window",
     "batch_bytes",
+    "make_step",
     "move_to_device",
 ]
 
@@ -148,6 +149,44 @@ class _ShortFirstEpoch(Sampler[int]):
         indices = iter(self.inner)
         self.epochs += 1
         return itertools.islice(indices, self.first) if self.epochs == 1 else indices
+
+
+def make_step(config: LoaderConfig, *, device: torch.device, model: nn.Module | None,
+              optimizer: torch.optim.Optimizer | None, loss_fn: LossFn | None,
+              step: StepFn | None) -> Callable[[Any], None]:
+    """The seed article's training step under ``config``: the copy to the device (non-blocking
+    when pinned), the forward pass under autocast, the loss, ``zero_grad``, backward and
+    ``step`` (through a ``GradScaler`` for float16 on CUDA); without a model, the copy alone."""
+    pin = config.pin_memory
+    if model is None or optimizer is None:
+        def copy_only(batch: Any) -> None:
+            move_to_device(batch, device, pin)
+        return copy_only
+
+    dtype = None if config.amp is None else getattr(torch, config.amp)
+    scaler = (torch.amp.GradScaler("cuda")
+              if config.amp == "float16" and device.type == "cuda" else None)
+    model.train()
+
+    def train(batch: Any) -> None:
+        batch = move_to_device(batch, device, pin)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            if step is not None:
+                loss = step(model, batch)
+            else:
+                if loss_fn is None:
+                    raise DatasetError("a model needs a loss_fn (or a step) to train.")
+                loss = _default_step(model, batch, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss.mean()).backward()  # type: ignore[no-untyped-call]
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.mean().backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+
+    return train
 
 
 def _warmup_batches(config: LoaderConfig) -> int:
@@ -288,40 +327,9 @@ class TrainingProbe(Probe):
         return DataLoader(self.dataset, **kwargs), shape
 
     def _make_step(self, config: LoaderConfig) -> Callable[[Any], None]:
-        device, pin = self.device, config.pin_memory
-        if self.model is None:
-            def copy_only(batch: Any) -> None:
-                move_to_device(batch, device, pin)
-            return copy_only
-
-        model, optimizer, loss_fn, user_step = self.model, self.optimizer, self.loss_fn, self.step
-        assert optimizer is not None  # set in __init__ whenever there is a model
-        dtype = None if config.amp is None else getattr(torch, config.amp)
-        scaler = (
-            torch.amp.GradScaler("cuda") if config.amp == "float16" and device.type == "cuda"
-            else None
-        )
-        model.train()
-
-        def train(batch: Any) -> None:
-            batch = move_to_device(batch, device, pin)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                if user_step is not None:
-                    loss = user_step(model, batch)
-                else:
-                    if loss_fn is None:
-                        raise DatasetError("a model needs a loss_fn (or a step) to train.")
-                    loss = _default_step(model, batch, loss_fn)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss.mean()).backward()  # type: ignore[no-untyped-call]
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.mean().backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
-
-        return train
+        assert self.model is None or self.optimizer is not None  # set in __init__
+        return make_step(config, device=self.device, model=self.model,
+                         optimizer=self.optimizer, loss_fn=self.loss_fn, step=self.step)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -47,22 +47,29 @@ def snippet(result: TuneResult) -> str:
 
 def render_report(result: TuneResult) -> RenderableType:
     """The whole report as one rich renderable."""
-    parts: list[RenderableType] = []
-    n = result.samples_per_epoch
     head = Text.assemble(
         ("autoload", "bold"), f": best DataLoader settings on {result.device}, ",
         (f"{_rate(result.samples_per_second)} samples/s", "bold green"),
         f" ({len(result.trials)} trials over a space of {result.space_size}, "
         f"{result.elapsed_seconds:.0f} s)",
     )
-    parts.append(head)
+    return Group(head, _finalists_table(result), Text("\n".join(_lines(result))),
+                 Text("Winning settings:", style="bold"),
+                 Syntax(snippet(result), "python", theme="ansi_dark", background_color="default"))
 
+
+def _finalists_table(result: TuneResult) -> Table:
+    predicted = any(f.predicted for f in result.finalists)
     table = Table(title="Best configurations, re-measured side by side", title_justify="left",
-                  caption="spread: half the min-max range of the repeated measurements; "
+                  caption=("predicted: the pipeline model's rate before measuring; "
+                           if predicted else "")
+                  + "spread: half the min-max range of the repeated measurements; "
                   "wait: share of the time spent waiting for data", caption_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("configuration", overflow="fold")
     table.add_column("samples/s", justify="right", no_wrap=True)
+    if predicted:
+        table.add_column("predicted", justify="right", no_wrap=True)
     table.add_column("spread", justify="right", no_wrap=True)
     table.add_column("start", justify="right", no_wrap=True)
     table.add_column("host mem", justify="right", no_wrap=True)
@@ -72,8 +79,10 @@ def render_report(result: TuneResult) -> RenderableType:
     table.add_column("wait", justify="right", no_wrap=True)
     table.add_column("", justify="left", no_wrap=True)
     for f in result.finalists:
-        row = [
-            f.config.label(), _rate(f.median),
+        row = [f.config.label(), _rate(f.median)]
+        if predicted:
+            row.append("-" if f.predicted is None else _rate(f.predicted))
+        row += [
             f"±{50 * (max(f.rates) - min(f.rates)) / f.median:.0f}%"
             if f.median and len(f.rates) > 1 else "-",
             "-" if f.startup_seconds is None else f"{f.startup_seconds:.2f} s",
@@ -85,13 +94,14 @@ def render_report(result: TuneResult) -> RenderableType:
         tag = (f"winner ({role})" if role else "winner") if f.config == result.config else role
         row += [_pct(f.data_wait_fraction), tag]
         table.add_row(*row, style="bold" if f.config == result.config else None)
-    parts.append(table)
+    return table
 
+
+def _lines(result: TuneResult) -> list[str]:
     lines = []
-    winner_role = result.winner.role
     for name, label in (("defaults", "PyTorch defaults"), ("recipe", "hand-tuned recipe")):
         speedup = result.speedup(name)
-        if name == winner_role:
+        if name == result.winner.role:
             lines.append(f"the {label} won: no other setting measured faster here")
         elif speedup is not None:
             lines.append(f"{speedup:.2f}x faster than {label} "
@@ -104,27 +114,38 @@ def render_report(result: TuneResult) -> RenderableType:
     if repeats:
         lines.append(f"{_count(repeats, 'trial')} repeated a measured configuration and "
                      f"{'was' if repeats == 1 else 'were'} not run again")
-    if result.step_rate:
-        share = result.samples_per_second / result.step_rate
-        line = (f"bound: the training step alone (batch already on {result.device}) runs "
-                f"{_rate(result.step_rate)} samples/s; the winner reaches {share:.0%} of it "
-                f"and is bound by {result.bound}")
-        if result.bound == "training step" and share < 0.8 and result.config.num_workers:
-            line += " (slower than alone: the workers share its CPU cores)"
-        lines.append(line)
-    elif result.fetch_rate:
-        lines.append(f"bound: one process fetches {_rate(result.fetch_rate)} samples/s; the "
-                     f"winner reaches {result.samples_per_second / result.fetch_rate:.1f}x that")
-    epoch = result.epoch_seconds()
-    if epoch is not None:
+    lines += _bound_lines(result)
+    n, epoch = result.samples_per_epoch, result.epoch_seconds()
+    if epoch is not None and n is not None:
         lines.append(f"one epoch of {n:,} samples: about {epoch:.1f} s")
     if result.config.drop_last and n is not None:
         lines.append(f"drop_last: each epoch drops {result.dropped_per_epoch} of {n} samples")
-    lines.extend(result.notes)
-    parts.append(Text("\n".join(lines)))
-    parts.append(Text("Winning settings:", style="bold"))
-    parts.append(Syntax(snippet(result), "python", theme="ansi_dark", background_color="default"))
-    return Group(*parts)
+    return lines + list(result.notes)
+
+
+def _bound_lines(result: TuneResult) -> list[str]:
+    """What bounds the winner: the model's view, and the step alone as an upper bound unless
+    the measurement has broken it (then it is not one)."""
+    lines = []
+    if result.limit:
+        lines.append(f"bound: the pipeline model expects the winner to be bound by "
+                     f"{result.limit}")
+    if result.step_rate:
+        share = result.samples_per_second / result.step_rate
+        if share > 1.05:
+            lines.append(f"the training step alone measured {_rate(result.step_rate)} "
+                         f"samples/s, under the winner's rate: the machine was busier then, so "
+                         "it bounds nothing here")
+        else:
+            line = (f"the training step alone (batch already on {result.device}) runs "
+                    f"{_rate(result.step_rate)} samples/s; the winner reaches {share:.0%} of it")
+            if share < 0.8 and result.bound == "training step" and result.config.num_workers:
+                line += " (slower than alone: the workers share its CPU cores)"
+            lines.append(line)
+    elif result.fetch_rate:
+        lines.append(f"one process fetches {_rate(result.fetch_rate)} samples/s; the winner "
+                     f"reaches {result.samples_per_second / result.fetch_rate:.1f}x that")
+    return lines
 
 
 class LiveProgress:

@@ -251,44 +251,7 @@ def build_space(
     """
     cpus = cpus or usable_cpus()
     n = samples_per_epoch
-    if min_batch_size < 1 or max_batch_size < min_batch_size:
-        raise ConfigError(
-            "`1 <= min_batch_size <= max_batch_size` must hold, but got "
-            f"({min_batch_size=}, {max_batch_size=})."
-        )
-    pinned_batches = _as_tuple(batch_size, "batch_size")
-    if pinned_batches is not None:
-        if pinned_batches[0] < 1:
-            raise ConfigError(f"batch sizes must be >= 1, but got {batch_size!r}.")
-        if n is not None and not drop_last:
-            bad = [b for b in pinned_batches if n % b]
-            if bad:
-                raise ConfigError(
-                    f"batch size {bad[0]} does not divide the {n} samples per epoch, so one batch "
-                    "would be short; pick a divisor or pass drop_last=True (--drop-last)."
-                )
-        if n is not None and pinned_batches[-1] > n:
-            raise ConfigError(
-                f"batch size {pinned_batches[-1]} is larger than the {n} samples per epoch."
-            )
-        batches = pinned_batches
-    elif n is not None and not drop_last:
-        batches = tuple(d for d in divisors(n) if min_batch_size <= d <= max_batch_size and d < n)
-        if not batches:
-            raise ConfigError(
-                f"no batch size in [{min_batch_size}, {max_batch_size}] divides the {n} samples "
-                "per epoch; pass drop_last=True (--drop-last) to allow any batch size in range "
-                "(the report says how many samples each epoch drops), or widen the range."
-            )
-    else:
-        high = max_batch_size if n is None else min(max_batch_size, n)
-        if high < min_batch_size:
-            raise ConfigError(
-                f"the data set has {n} samples, fewer than min_batch_size={min_batch_size}; "
-                "lower min_batch_size (--min-batch-size)."
-            )
-        batches = tuple(_log_spaced(min_batch_size, high))
-
+    batches = _batch_sizes(n, batch_size, min_batch_size, max_batch_size, drop_last)
     pinned_workers = _as_tuple(num_workers, "num_workers")
     if max_workers is not None and max_workers < 0:
         raise ConfigError(f"`max_workers >= 0` must hold, but got {max_workers=}.")
@@ -298,11 +261,9 @@ def build_space(
         workers = pinned_workers
     else:
         workers = tuple(_worker_ladder(cpus if max_workers is None else max_workers))
-
     prefetch = _as_tuple(prefetch_factor, "prefetch_factor") or DEFAULT_PREFETCH
     if prefetch[0] < 1:
         raise ConfigError(f"`prefetch_factor >= 1` must hold, but got {prefetch_factor!r}.")
-
     cuda = device_type == "cuda"
     if pin_memory and not cuda:
         raise ConfigError(
@@ -312,8 +273,53 @@ def build_space(
     pins: tuple[bool, ...] = (pin_memory,) if pin_memory is not None else (
         (False, True) if cuda else (False,)
     )
+    amps = _amps(amp, has_model=has_model, cuda=cuda, bf16_supported=bf16_supported)
+    return SearchSpace(batch_sizes=batches, worker_counts=workers, prefetch_factors=prefetch,
+                       pin_memory=pins, amp=amps, drop_last=drop_last, cpus=cpus,
+                       samples_per_epoch=n)
 
-    amps: tuple[AmpDtype | None, ...]
+
+def _batch_sizes(n: int | None, batch_size: int | Sequence[int] | None, low: int, high: int,
+                 drop_last: bool) -> tuple[int, ...]:
+    """The pinned batch sizes, checked; else the divisors of the epoch in range, or (with
+    ``drop_last`` or without a length) log-spaced sizes."""
+    if low < 1 or high < low:
+        raise ConfigError(
+            "`1 <= min_batch_size <= max_batch_size` must hold, but got "
+            f"(min_batch_size={low}, max_batch_size={high})."
+        )
+    pinned = _as_tuple(batch_size, "batch_size")
+    if pinned is not None:
+        if pinned[0] < 1:
+            raise ConfigError(f"batch sizes must be >= 1, but got {batch_size!r}.")
+        bad = [b for b in pinned if n is not None and not drop_last and n % b]
+        if bad:
+            raise ConfigError(
+                f"batch size {bad[0]} does not divide the {n} samples per epoch, so one batch "
+                "would be short; pick a divisor or pass drop_last=True (--drop-last)."
+            )
+        if n is not None and pinned[-1] > n:
+            raise ConfigError(f"batch size {pinned[-1]} is larger than the {n} samples per epoch.")
+        return pinned
+    if n is not None and not drop_last:
+        sizes = tuple(d for d in divisors(n) if low <= d <= high and d < n)
+        if not sizes:
+            raise ConfigError(
+                f"no batch size in [{low}, {high}] divides the {n} samples per epoch; pass "
+                "drop_last=True (--drop-last) to allow any batch size in range (the report says "
+                "how many samples each epoch drops), or widen the range."
+            )
+        return sizes
+    top = high if n is None else min(high, n)
+    if top < low:
+        raise ConfigError(f"the data set has {n} samples, fewer than min_batch_size={low}; "
+                          "lower min_batch_size (--min-batch-size).")
+    return tuple(_log_spaced(low, top))
+
+
+def _amps(amp: AmpChoice, *, has_model: bool, cuda: bool,
+          bf16_supported: bool) -> tuple[AmpDtype | None, ...]:
+    """The autocast choices: only with a model; bf16 only where it is native."""
     if amp not in ("auto", "off", "bfloat16", "float16"):
         raise ConfigError(
             f"amp must be one of 'auto', 'off', 'bfloat16', 'float16', but got {amp!r}."
@@ -321,20 +327,13 @@ def build_space(
     if not has_model:
         if amp in ("bfloat16", "float16"):
             raise ConfigError(f"amp={amp!r} needs a model to train; pass a model or drop amp.")
-        amps = (None,)
-    elif amp == "off":
-        amps = (None,)
-    elif amp == "float16" and not cuda:
+        return (None,)
+    if amp == "off":
+        return (None,)
+    if amp == "float16" and not cuda:
         raise ConfigError("amp='float16' needs a CUDA device; on the CPU use amp='bfloat16'.")
-    elif amp in ("bfloat16", "float16"):
-        amps = (amp,)
-    elif cuda:
-        amps = (None, "float16", "bfloat16") if bf16_supported else (None, "float16")
-    elif bf16_supported:
-        amps = (None, "bfloat16")
-    else:
-        amps = (None,)
-
-    return SearchSpace(batch_sizes=batches, worker_counts=workers, prefetch_factors=prefetch,
-                       pin_memory=pins, amp=amps, drop_last=drop_last, cpus=cpus,
-                       samples_per_epoch=n)
+    if amp in ("bfloat16", "float16"):
+        return (amp,)
+    if cuda:
+        return (None, "float16", "bfloat16") if bf16_supported else (None, "float16")
+    return (None, "bfloat16") if bf16_supported else (None,)

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 __all__ = ["Costs", "Recorder", "Shape", "Timing", "Verdict", "Window", "window_cv"]
@@ -123,14 +124,32 @@ class Timing:
     costs: Costs | None
 
 
-@dataclass(frozen=True)
-class _Batch:
-    begin: float  # the fetch began
-    got: float  # the batch arrived
-    done: float  # its step ended
-    samples: int
-    fetch_cpu: float
-    main_cpu: float  # the process's CPU clock when the step ended
+class _Columns:
+    """A window's batches, column by column in flat arrays: appending one holds no Python
+    object the garbage collector tracks (a record per batch would make full collections more
+    frequent in a fast loop, and slow it down), and any span's samples are a difference of the
+    running count."""
+
+    def __init__(self) -> None:
+        self.begin, self.got, self.done = array("d"), array("d"), array("d")
+        self.fetch_cpu, self.main_cpu = array("d"), array("d")
+        self.count = array("q", [0])  # samples through batch k: count[k + 1]
+
+    def __len__(self) -> int:
+        return len(self.done)
+
+    def append(self, begin: float, got: float, done: float, samples: int, fetch_cpu: float,
+               main_cpu: float) -> None:
+        self.begin.append(begin)
+        self.got.append(got)
+        self.done.append(done)
+        self.fetch_cpu.append(fetch_cpu)
+        self.main_cpu.append(main_cpu)
+        self.count.append(self.count[-1] + samples)
+
+    def samples(self, i: int, j: int) -> int:
+        """Samples of batches [i, j)."""
+        return self.count[j] - self.count[i]
 
 
 class Recorder:
@@ -138,9 +157,9 @@ class Recorder:
 
     Call :meth:`start` when the loader is built, :meth:`batch` after each step and
     :meth:`epoch_end` when a fetch finds the epoch's end; each returns whether to go on
-    (``"go"``), or stop with the window complete (``"done"``) or cut short (``"cut"``).
-    :meth:`timing` gives the result; after an interruption (the soft time limit) it counts what
-    was through its step by then.
+    (``"go"``), or stop with the window complete (``"done"``) or cut short (``"cut"``), in
+    constant time. :meth:`timing` gives the result; after an interruption (the soft time limit)
+    it counts what was through its step by then.
 
     Example:
         >>> rec = Recorder(Shape(batch_size=10, epoch_batches=4, warmup_batches=2),
@@ -162,13 +181,12 @@ class Recorder:
 
     def __init__(self, shape: Shape, window: Window) -> None:
         self.shape, self.window = shape, window
-        self._start = 0.0
-        self._now = 0.0
-        self._batches: list[_Batch] = []
+        self._start = self._now = 0.0
+        self._b = _Columns()
         self._origin: int | None = None  # index of the first measured batch
         self._origin_time = 0.0
-        self._ends: list[tuple[float, int]] = []  # (time, batches before) of measured epoch ends
-        self._cpu_at_origin = 0.0
+        self._ends: list[tuple[float, int]] = []  # (time, measured batches) at each epoch end
+        self._first_wait: int | None = None  # the first measured fetch that waited (see _ramp)
         self._verdict_now: Verdict = "go"
         self.worker_cpu: tuple[float, float] | None = None  # workers' CPU at origin, at the end
 
@@ -179,10 +197,16 @@ class Recorder:
 
     def batch(self, *, begin: float, got: float, done: float, samples: int,
               fetch_cpu: float = 0.0, main_cpu: float = 0.0) -> Verdict:
-        self._batches.append(_Batch(begin, got, done, samples, fetch_cpu, main_cpu))
+        self._b.append(begin, got, done, samples, fetch_cpu, main_cpu)
         self._now = done
-        if self._origin is None and self._stream_warm():
-            self._begin_measuring(done)
+        if self._origin is None:
+            if self._stream_warm():
+                self._begin_measuring(done)
+        elif not self._ends and self._first_wait is None:
+            i = len(self._b) - 1 - self._origin
+            if (self.shape.workers <= i < self.shape.in_flight
+                    and got - begin > max(_WAITED, 0.25 * (done - got))):
+                self._first_wait = i
         self._verdict_now = self._verdict(at_end=False)
         return self._verdict_now
 
@@ -192,20 +216,20 @@ class Recorder:
             self._begin_measuring(t)
             self._verdict_now = self._verdict(at_end=False)
         else:
-            self._ends.append((t, len(self._batches) - self._origin))
+            self._ends.append((t, self._m()))
             self._verdict_now = self._verdict(at_end=True)
         return self._verdict_now
 
     def synced(self, t: float) -> None:
         """The device finished its queued work at ``t``: the last step ended then, not when
         its kernels were launched."""
-        if self._batches and t > self._batches[-1].done:
-            self._batches[-1] = replace(self._batches[-1], done=t)
+        if len(self._b) and t > self._b.done[-1]:
+            self._b.done[-1] = t
             self._now = max(self._now, t)
 
     @property
     def batches_seen(self) -> int:
-        return len(self._batches)
+        return len(self._b)
 
     @property
     def measuring(self) -> bool:
@@ -214,23 +238,39 @@ class Recorder:
 
     def _stream_warm(self) -> bool:
         # Without epochs a stream's warm-up ends after a set number of batches.
-        return self.shape.epoch_batches is None and len(self._batches) >= (
+        return self.shape.epoch_batches is None and len(self._b) >= (
             self.shape.warmup_batches or max(2, self.shape.in_flight))
 
     def _begin_measuring(self, t: float) -> None:
-        self._origin, self._origin_time = len(self._batches), t
-        self._cpu_at_origin = self._batches[-1].main_cpu if self._batches else 0.0
+        self._origin, self._origin_time = len(self._b), t
+
+    # -- positions (measured batches, counted from the boundary) ----------------------------
+
+    def _m(self) -> int:
+        return 0 if self._origin is None else len(self._b) - self._origin
+
+    def _done_after(self, k: int) -> float:
+        """When the first ``k`` measured batches were through their step (the origin for 0)."""
+        assert self._origin is not None
+        return self._origin_time if k == 0 else self._b.done[self._origin + k - 1]
+
+    def _samples(self, i: int, j: int) -> int:
+        assert self._origin is not None
+        return self._b.samples(self._origin + i, self._origin + j)
+
+    def _first_epoch(self) -> int:
+        """Measured batches of the first measured epoch (all of them before its end)."""
+        return self._ends[0][1] if self._ends else self._m()
 
     # -- deciding --------------------------------------------------------------------------
 
     def _verdict(self, *, at_end: bool) -> Verdict:
         w = self.window
-        first = self._batches[0].got if self._batches else None
-        over = (w.time_limit is not None and first is not None
-                and self._now - first > w.time_limit)
+        over = (w.time_limit is not None and len(self._b) > 0
+                and self._now - self._b.got[0] > w.time_limit)
         if self._origin is None:
             return "cut" if over else "go"
-        m = len(self._batches) - self._origin
+        m = self._m()
         elapsed = self._now - self._origin_time
         if m >= w.max_batches:
             return "done"
@@ -252,129 +292,87 @@ class Recorder:
         pace = self._pace()
         if self.shape.epoch_batches is None or pace is None:
             return True
-        left = self.shape.epoch_batches - self._in_epoch()
-        return left * pace > _NEAR_END * self.window.seconds
-
-    def _in_epoch(self) -> int:
-        assert self._origin is not None
-        last = self._ends[-1][1] if self._ends else 0
-        return len(self._batches) - self._origin - last
+        in_epoch = self._m() - (self._ends[-1][1] if self._ends else 0)
+        return (self.shape.epoch_batches - in_epoch) * pace > _NEAR_END * self.window.seconds
 
     def _settled(self) -> bool:
         """Enough batches past the ramp for a steady pace: two rounds of the workers."""
-        late = self._late_span()
-        return late is not None and late[1] - late[0] >= 2 * max(1, self.shape.workers)
+        span = self._late_span()
+        return span is not None and span[1] - span[0] >= 2 * max(1, self.shape.workers)
 
     # -- computing -------------------------------------------------------------------------
 
-    def _measured(self) -> list[_Batch]:
-        assert self._origin is not None
-        return self._batches[self._origin:]
-
-    def _first_epoch(self) -> list[_Batch]:
-        """The measured batches of the first measured epoch (all, before its end)."""
-        batches = self._measured()
-        return batches[: self._ends[0][1]] if self._ends else batches
-
-    def _ramp(self, batches: Sequence[_Batch]) -> int:
+    def _ramp(self) -> int:
         """Batches after the boundary before the pipeline settles: the first fetch that
         waited after the first round of the workers (they fall behind: steady from there),
         else every requested batch, but no more than half of them."""
-        w = self.shape.workers
-        if w == 0:
-            return 1 if len(batches) > 1 else 0  # the first fetch builds the epoch's iterator
-        for i in range(w, min(len(batches), self.shape.in_flight)):
-            b = batches[i]
-            if b.got - b.begin > max(_WAITED, 0.25 * (b.done - b.got)):
-                return i
-        return min(self.shape.in_flight, len(batches) // 2)
+        n = self._first_epoch()
+        if self.shape.workers == 0:
+            return 1 if n > 1 else 0  # the first fetch builds the epoch's iterator
+        if self._first_wait is not None:
+            return self._first_wait
+        return min(self.shape.in_flight, n // 2)
 
     def _late_span(self) -> tuple[int, int] | None:
-        """Indices [i, j) of the first measured epoch's steady part: whole rounds of the
-        workers counted from the boundary (each epoch hands its batches out round-robin from
-        the first worker, and a round arrives as a burst), from the end of the ramp on."""
-        batches, r = self._first_epoch(), max(1, self.shape.workers)
-        start = -(-self._ramp(batches) // r) * r
-        rounds = (len(batches) - start) // r
+        """Measured batches [i, j) of the first measured epoch's steady part: whole rounds of
+        the workers counted from the boundary (each epoch hands its batches out round-robin
+        from the first worker, and a round arrives as a burst), from the end of the ramp on."""
+        r = max(1, self.shape.workers)
+        start = -(-self._ramp() // r) * r
+        rounds = (self._first_epoch() - start) // r
         return None if rounds < 1 else (start, start + rounds * r)
 
     def _pace(self) -> float | None:
-        """Steady seconds per batch: the median over up to 8 blocks of whole rounds of the late
-        span. A median, because some costs come once per run but late (each worker's first
-        full garbage collection copies the pages it inherited from the training process: most
-        of a second with 8 workers on two cores), and a window that happens to hold one would
-        otherwise project it onto every epoch."""
+        """Steady seconds per batch: the late span's time over its batches (whole rounds of the
+        workers, so that no burst's wait is split)."""
         span = self._late_span()
         if span is None:
             return None
-        batches, r = self._first_epoch(), max(1, self.shape.workers)
         i, j = span
-        rounds = (j - i) // r
-        k = min(_CV_BLOCKS, rounds)
-        paces = []
-        for block in range(k):
-            first, last = i + block * rounds // k * r, i + (block + 1) * rounds // k * r
-            before = batches[first - 1].done if first > 0 else self._origin_time
-            paces.append((batches[last - 1].done - before) / (last - first))
-        return statistics.median(paces)
+        return (self._done_after(j) - self._done_after(i)) / (j - i)
 
     def _rate(self) -> float:
         """Samples per second of a training run, from what is measured so far."""
-        batches = self._measured()
-        if self._ends:
-            return self._whole_epochs_rate(batches)
-        if not batches:
+        m = self._m()
+        if self._ends:  # whole epochs: every pause inside them counts, as in a training run
+            t, n = self._ends[-1]
+            return self._samples(0, n) / (t - self._origin_time) if t > self._origin_time else 0.0
+        if m == 0:
             return 0.0
         span, pace = self._late_span(), self._pace()
-        per_batch = statistics.fmean(b.samples for b in batches)
+        per_batch = self._samples(0, m) / m
         epoch = self.shape.epoch_batches
         if pace is not None and epoch is None:  # a stream: its steady pace
             return per_batch / pace
-        if span is None or pace is None or epoch is None or len(batches) >= epoch:
+        if span is None or pace is None or epoch is None or m >= epoch:
             r = max(1, self.shape.workers)
-            whole = batches[: len(batches) // r * r] or batches
-            elapsed = whole[-1].done - self._origin_time
-            return sum(b.samples for b in whole) / elapsed if elapsed > 0 else 0.0
+            whole = m // r * r or m
+            elapsed = self._done_after(whole) - self._origin_time
+            return self._samples(0, whole) / elapsed if elapsed > 0 else 0.0
         # The epoch's head as measured (the bubble and the ramp), the rest at the steady pace.
         head = span[0]
-        head_seconds = (batches[head - 1].done if head else self._origin_time) - self._origin_time
+        head_seconds = self._done_after(head) - self._origin_time
         return epoch * per_batch / (head_seconds + (epoch - head) * pace)
-
-    def _whole_epochs_rate(self, batches: Sequence[_Batch]) -> float:
-        """Over the whole epochs measured; of three or more, one that took over twice the
-        median epoch's time is left out (a once-a-run stall, as in :meth:`_pace`)."""
-        times = [self._origin_time] + [t for t, _ in self._ends]
-        counts = [0] + [n for _, n in self._ends]
-        epochs = [(times[k + 1] - times[k], sum(b.samples for b in batches[counts[k]:
-                                                                           counts[k + 1]]))
-                  for k in range(len(self._ends))]
-        if len(epochs) >= 3:
-            typical = statistics.median(t for t, _ in epochs)
-            epochs = [(t, n) for t, n in epochs if t <= 2 * typical]
-        seconds = sum(t for t, _ in epochs)
-        return sum(n for _, n in epochs) / seconds if seconds > 0 else 0.0
 
     def timing(self, *, interrupted: bool = False) -> Timing:
         """The window's result. ``interrupted``: the soft time limit stopped it."""
         cut = interrupted or self._verdict_now == "cut"
-        startup = self._batches[0].got - self._start if self._batches else 0.0
-        if self._origin is None or not self._measured():
-            return self._warmup_timing(startup)
-        batches = self._measured()
-        if self._ends:
-            t_end, n = self._ends[-1]
-            batches = batches[:n]
-        else:
-            t_end = batches[-1].done
+        b = self._b
+        startup = b.got[0] - self._start if len(b) else 0.0
+        if self._origin is None or self._m() == 0:
+            return _warmup_timing(b, start=self._start, now=self._now,
+                                  workers=self.shape.workers, startup=startup)
+        o = self._origin
+        n = self._ends[-1][1] if self._ends else self._m()
+        t_end = self._ends[-1][0] if self._ends else self._done_after(n)
         seconds = t_end - self._origin_time
         rate = self._rate()
-        wait = sum(b.got - b.begin for b in batches)
-        marks = [(b.done, s) for b, s in zip(batches, _cumulative(batches), strict=True)]
+        wait = sum(b.got[o + k] - b.begin[o + k] for k in range(n))
+        marks = [(b.done[o + k], self._samples(0, k + 1)) for k in range(n)]
         return Timing(
             samples_per_second=rate, startup_seconds=startup,
             warmup_seconds=self._origin_time - self._start, seconds=seconds,
-            samples=sum(b.samples for b in batches), batches=len(batches),
-            epochs=len(self._ends),
+            samples=self._samples(0, n), batches=n, epochs=len(self._ends),
             data_wait_fraction=min(1.0, wait / seconds) if seconds > 0 else 0.0,
             cut_short=cut,
             rate_cv=None if cut else window_cv(self._origin_time, marks,
@@ -382,57 +380,49 @@ class Recorder:
             costs=self._costs(rate),
         )
 
-    def _warmup_timing(self, startup: float) -> Timing:
-        """Cut short in warm-up: batches arrive in bursts from workers that started side by
-        side, so only the time since the loader was built is safe (errs low); without workers,
-        the time since the first batch."""
-        batches = self._batches
-        if self.shape.workers == 0 and len(batches) >= 2:
-            samples = sum(b.samples for b in batches[1:])
-            seconds = batches[-1].done - batches[0].done
-        elif batches:
-            samples, seconds = sum(b.samples for b in batches), batches[-1].done - self._start
-        else:
-            samples, seconds = 0, self._now - self._start
-        return Timing(
-            samples_per_second=samples / seconds if seconds > 0 else 0.0,
-            startup_seconds=startup, warmup_seconds=self._now - self._start, seconds=seconds,
-            samples=samples, batches=len(batches), epochs=0,
-            data_wait_fraction=0.0, cut_short=True, rate_cv=None, costs=None,
-        )
-
     def _costs(self, rate: float) -> Costs | None:
+        """Per-batch means over the steady span of the first measured epoch; the epoch's cost
+        beyond its steady batches is what the rate says an epoch takes, less its paces."""
         span, pace = self._late_span(), self._pace()
-        if span is None or pace is None:
+        if span is None or pace is None or self._origin is None:
             return None
-        batches = self._first_epoch()
-        late = batches[span[0]:span[1]]
-        first_cpu = batches[span[0] - 1].main_cpu if span[0] > 0 else self._cpu_at_origin
-        boundary = None
-        epoch = self.shape.epoch_batches
-        if epoch is not None and rate > 0:
-            per_batch = statistics.fmean(b.samples for b in batches)
-            boundary = epoch * per_batch / rate - epoch * pace
+        b, o, (i, j) = self._b, self._origin, span
         workers = None
         if self.worker_cpu is not None and self.shape.workers > 0:  # read at origin and end
-            workers = (self.worker_cpu[1] - self.worker_cpu[0]) / max(1, len(self._measured()))
+            workers = (self.worker_cpu[1] - self.worker_cpu[0]) / max(1, self._m())
+        cpu_before = b.main_cpu[o + i - 1] if o + i > 0 else b.main_cpu[o]
+        epoch, boundary = self.shape.epoch_batches, None
+        if epoch is not None and rate > 0:
+            per_batch = self._samples(0, self._m()) / self._m()
+            boundary = epoch * per_batch / rate - epoch * pace
+        late = range(o + i, o + j)
         return Costs(
             batch_seconds=pace,
-            fetch_seconds=statistics.fmean(b.got - b.begin for b in late),
-            fetch_cpu_seconds=statistics.fmean(b.fetch_cpu for b in late),
-            step_seconds=statistics.fmean(b.done - b.got for b in late),
-            main_cpu_seconds=(late[-1].main_cpu - first_cpu) / len(late),
-            worker_cpu_seconds=workers,
-            boundary_seconds=boundary,
+            fetch_seconds=statistics.fmean(b.got[k] - b.begin[k] for k in late),
+            fetch_cpu_seconds=statistics.fmean(b.fetch_cpu[k] for k in late),
+            step_seconds=statistics.fmean(b.done[k] - b.got[k] for k in late),
+            main_cpu_seconds=(b.main_cpu[o + j - 1] - cpu_before) / (j - i),
+            worker_cpu_seconds=workers, boundary_seconds=boundary,
         )
 
 
-def _cumulative(batches: Sequence[_Batch]) -> list[int]:
-    total, out = 0, []
-    for b in batches:
-        total += b.samples
-        out.append(total)
-    return out
+def _warmup_timing(b: _Columns, *, start: float, now: float, workers: int,
+                   startup: float) -> Timing:
+    """Cut short in warm-up: batches arrive in bursts from workers that started side by side,
+    so only the time since the loader was built is safe (errs low); without workers, the time
+    since the first batch."""
+    n = len(b)
+    if workers == 0 and n >= 2:
+        samples, seconds = b.samples(1, n), b.done[-1] - b.done[0]
+    elif n:
+        samples, seconds = b.samples(0, n), b.done[-1] - start
+    else:
+        samples, seconds = 0, now - start
+    return Timing(
+        samples_per_second=samples / seconds if seconds > 0 else 0.0, startup_seconds=startup,
+        warmup_seconds=now - start, seconds=seconds, samples=samples, batches=n,
+        epochs=0, data_wait_fraction=0.0, cut_short=True, rate_cv=None, costs=None,
+    )
 
 
 def window_cv(start: float, marks: Sequence[tuple[float, int]],
