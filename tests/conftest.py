@@ -13,6 +13,21 @@ import pytest
 from autoload import LoaderConfig, Measurement, Probe, Window
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_cache(tmp_path_factory) -> Iterator[None]:
+    """Runs set up once for a module remember results in the session's folder, never the
+    user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory, monkeypatch) -> None:
+    """Each test remembers results in a cache folder of its own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def restore_sys_path() -> Iterator[None]:
     """The importer puts the working directory on sys.path for a module name: take it off."""

@@ -56,6 +56,49 @@ DATA_MODULE = """
 
     NUMBER = 3
     DATASET = make_dataset()
+
+
+    def make_loader():
+        return torch.utils.data.DataLoader(make_dataset(), batch_size=24, shuffle=True)
+
+
+    def my_step(model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y)
+
+
+    def not_a_loss(model, batch):
+        return "not a tensor"
+"""
+
+LIGHTNING_MODULE = """
+    import lightning as L
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+
+    class Data(L.LightningDataModule):
+        def setup(self, stage):
+            g = torch.Generator().manual_seed(0)
+            self.train = TensorDataset(torch.randn(96, 8, generator=g),
+                                       torch.randint(0, 3, (96,), generator=g))
+
+        def train_dataloader(self):
+            return DataLoader(self.train, batch_size=16)
+
+
+    class Classifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(8, 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
 """
 
 BROKEN_IMPORT_MODULE = """
@@ -237,7 +280,7 @@ def test_missing_attribute(data):
 
 def test_attribute_that_is_an_int(data):
     line = assert_one_error_line(run_cli(["tune", f"{data}:NUMBER"]))
-    assert "neither a Dataset nor a callable" in line
+    assert "neither a Dataset, a DataLoader" in line
 
 
 def test_module_spec_by_name_from_the_working_directory(data, monkeypatch):
@@ -245,7 +288,7 @@ def test_module_spec_by_name_from_the_working_directory(data, monkeypatch):
     # the folder is reachable only as the working directory
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(data.parent)])
     line = assert_one_error_line(run_cli(["tune", f"{data.stem}:NUMBER"]))
-    assert "neither a Dataset nor a callable" in line
+    assert "neither a Dataset, a DataLoader" in line
 
 
 def test_factory_that_raises_is_the_users_error(data):
@@ -351,3 +394,46 @@ def _compares_with_defaults(out: str) -> bool:
     """The report states the winner's speedup over PyTorch's defaults, or that they won."""
     return "faster than PyTorch defaults" in out or "the PyTorch defaults won" in out
 
+
+
+# --- what the user already has ----------------------------------------------------------------
+
+QUICK = ["--device", "cpu", "--timeout", "4", "--max-workers", "1", "--quiet"]
+
+
+def test_tune_a_dataloader_and_a_step_from_the_command_line(data, tmp_path):
+    out = tmp_path / "r.json"
+    run = run_cli(["tune", f"{data}:make_loader", "--model", f"{data}:make_model",
+                   "--step", f"{data}:my_step", "--json", str(out), *QUICK])
+    assert run.code == 0, run.out
+    result = TuneResult.load(out)
+    assert result.reference_batch_size == 24 and 240 % result.config.batch_size == 0
+
+
+def test_tune_a_datamodule_with_a_lightning_module_needs_no_loss(modules):
+    path = modules.write(LIGHTNING_MODULE)
+    run = run_cli(["tune", f"{path}:Data", "--model", f"{path}:Classifier", *QUICK])
+    assert run.code == 0, run.out
+    assert "Winning settings" in run.out
+
+
+def test_keep_batch_size_and_the_cache_from_the_command_line(data):
+    args = ["tune", f"{data}:make_loader", "--keep-batch-size", *QUICK]
+    first = run_cli(args)
+    assert first.code == 0 and "batch_size=24" in first.out and "from the cache" not in first.out
+    assert "from the cache" in run_cli(args).out
+    assert "from the cache" not in run_cli([*args, "--no-cache"]).out
+
+
+def test_loss_and_step_together_is_an_error(data):
+    line = assert_one_error_line(run_cli(["tune", f"{data}:make_dataset", "--model",
+                                          f"{data}:make_model", "--loss", "mse", "--step",
+                                          f"{data}:my_step", *QUICK]))
+    assert "give one of them" in line
+
+
+def test_a_step_returning_no_tensor_is_one_line(data):
+    line = assert_one_error_line(run_cli(["tune", f"{data}:make_dataset", "--model",
+                                          f"{data}:make_model", "--step",
+                                          f"{data}:not_a_loss", *QUICK]))
+    assert "returned no loss tensor" in line

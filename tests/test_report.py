@@ -184,3 +184,19 @@ def test_report_says_when_the_defaults_won():
     won = replace(result, config=defaults.config, samples_per_second=defaults.median,
                   loader_kwargs=defaults.config.loader_kwargs())
     assert "the PyTorch defaults won" in render(won)
+
+
+def test_the_finalists_table_fits_80_columns_without_folding_a_configuration():
+    long = LoaderConfig(1000, num_workers=16, prefetch_factor=8, amp="bfloat16")
+    finalists = (replace(make_result().finalists[0], config=long, predicted=3300.0),
+                 *make_result().finalists[1:])
+    result = make_result(config=long, loader_kwargs=long.loader_kwargs(), amp="bfloat16",
+                         finalists=finalists)
+    text = render(result)
+    rows = [line for line in text.splitlines() if "bs=" in line and "w=" in line
+            and "DataLoader" not in line]
+    assert any(long.label() in line and line.rstrip().endswith("winner") for line in rows)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    wide = io.StringIO()
+    Console(file=wide, width=140, color_system=None).print(render_report(result))
+    assert "host mem" in wide.getvalue() and "start" in wide.getvalue()

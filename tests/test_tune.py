@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -110,3 +111,8 @@ def test_best_loader_with_drop_last_reports_dropped_samples():
     loader = autoload.best_loader(data, result=result)
     served = sum(len(x) for x, _ in loader)
     assert served == 101 - result.dropped_per_epoch
+
+
+def test_a_model_without_a_loss_on_pairs_is_a_one_line_error_naming_both_ways_out():
+    with pytest.raises(autoload.DatasetError, match=r"loss_fn=, --loss\) or a step"):
+        autoload.tune(Indexed(64), model=nn.Linear(4, 3), **FAST)

@@ -133,3 +133,27 @@ class Uneven(Indexed):
 def init_that_raises(worker_id: int) -> None:
     """A user's worker_init_fn: proves it ran, in the worker, by failing there."""
     raise RuntimeError(f"the user's init ran in worker {worker_id}")
+
+
+def collate_pairs(items):
+    """A user's collate_fn: stacks inputs, keeps labels a tensor."""
+    xs, ys = zip(*items, strict=True)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def seed_worker(worker_id: int) -> None:
+    """A user's worker_init_fn."""
+    np.random.seed(worker_id)
+
+
+class EveryOther(torch.utils.data.Sampler):
+    """A user's sampler: the even indices, then the odd ones."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter([*range(0, self.n, 2), *range(1, self.n, 2)])

@@ -14,11 +14,13 @@ from rich.console import Console
 from torch import nn
 from torch.nn import functional
 
-from autoload.errors import AutoloadError, ConfigError, DatasetError, SpecError
+from autoload import cache
+from autoload.errors import AutoloadError, ConfigError, SpecError
 from autoload.importer import import_from_string
 from autoload.memory import parse_size
-from autoload.report import LiveProgress, render_report
+from autoload.report import LiveProgress, render_cache, render_report
 from autoload.result import TuneResult
+from autoload.sources import lightning_step, resolve
 from autoload.tuner import tune
 
 __all__ = ["main"]
@@ -89,10 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("tune", help="tune a data set (and optionally a model)")
     t.add_argument("dataset", metavar="MODULE:ATTR",
-                   help="a Dataset, or a zero-argument callable returning one")
-    t.add_argument("--model", metavar="MODULE:ATTR", help="an nn.Module, or a factory of one")
+                   help="a Dataset, a DataLoader, a LightningDataModule, or a zero-argument "
+                        "callable returning one")
+    t.add_argument("--model", metavar="MODULE:ATTR",
+                   help="an nn.Module (a LightningModule brings its training_step and "
+                        "optimizer), or a factory of one")
     t.add_argument("--loss", metavar="NAME|MODULE:ATTR",
-                   help=f"loss, required with --model: {', '.join(LOSSES)} or MODULE:ATTR")
+                   help=f"loss for (x, y) batches: {', '.join(LOSSES)} or MODULE:ATTR")
+    t.add_argument("--step", metavar="MODULE:ATTR",
+                   help="a training step, step(model, batch) -> loss, instead of --loss")
     t.add_argument("--optimizer", default="sgd", metavar="NAME|MODULE:ATTR",
                    help="sgd (default), adam, adamw, or MODULE:ATTR called with the parameters")
     t.add_argument("--lr", type=_positive_float, default=0.01, help="learning rate (0.01)")
@@ -112,6 +119,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", choices=["auto", "off", "bfloat16", "float16"], default="auto")
     t.add_argument("--sharded", action="store_true",
                    help="the IterableDataset shards itself across workers")
+    t.add_argument("--keep-batch-size", action="store_true",
+                   help="tune everything else at your DataLoader's batch size")
+    t.add_argument("--no-cache", action="store_true",
+                   help="measure again even when a result for the same setting is cached")
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")
     t.add_argument("--storage", metavar="URL", help="Optuna storage, e.g. sqlite:///autoload.db")
     t.add_argument("--study-name", help="study name in --storage (resumed if it exists)")
@@ -119,28 +130,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no live progress")
     s = sub.add_parser("show", help="print the report of a saved result JSON")
     s.add_argument("path", metavar="PATH")
+    c = sub.add_parser("cache", help="list or clear the remembered results")
+    c.add_argument("action", choices=["list", "clear"])
     return parser
 
 
 def _load_dataset(spec: str) -> Any:
-    obj = import_from_string(spec)
-    if not _looks_like_dataset(obj):
-        if not callable(obj):
-            raise SpecError(f"{spec!r} is of type {type(obj).__name__}, neither a Dataset nor a "
-                            "callable returning one.")
-        obj = obj()
-        if not _looks_like_dataset(obj):
-            raise DatasetError(f"{spec}() returned a {type(obj).__name__}, not a Dataset (it "
-                               "needs __len__ and __getitem__, or to be an IterableDataset).")
-    return obj
-
-
-def _looks_like_dataset(obj: Any) -> bool:
-    if isinstance(obj, type):
-        return False
-    if isinstance(obj, torch.utils.data.IterableDataset):
-        return True
-    return hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+    return resolve(import_from_string(spec), name=spec)
 
 
 def _load_model(spec: str, device: str) -> nn.Module:
@@ -191,30 +187,41 @@ def _single(values: list[int] | None) -> int | list[int] | None:
     return values[0] if values is not None and len(values) == 1 else values
 
 
+def _load_step(spec: str) -> Callable[..., Any]:
+    step = import_from_string(spec)
+    if not callable(step):
+        raise SpecError(f"--step {spec!r} is not callable; it should be step(model, batch) -> "
+                        "loss.")
+    return step  # type: ignore[no-any-return]
+
+
 def _tune(args: argparse.Namespace, console: Console) -> int:
-    if args.loss is not None and args.model is None:
-        raise ConfigError("--loss needs --model; without a model autoload measures loading only.")
-    if args.model is not None and args.loss is None:
-        raise ConfigError("--model needs --loss: one of " + ", ".join(LOSSES) + " or MODULE:ATTR.")
+    if (args.loss is not None or args.step is not None) and args.model is None:
+        raise ConfigError("--loss and --step need --model; without a model autoload measures "
+                          "loading only.")
+    if args.loss is not None and args.step is not None:
+        raise ConfigError("--loss and --step both say how to train; give one of them.")
     if args.json:
         folder = Path(args.json).resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ConfigError(f"--json {args.json}: folder {str(folder)!r} does not exist or is "
                               "not writable; create it or pick another path.")
     dataset = _load_dataset(args.dataset)
-    model = loss = optimizer = None
+    model = loss = optimizer = step = None
     if args.model is not None:
-        loss = _load_loss(args.loss)
+        loss = None if args.loss is None else _load_loss(args.loss)
+        step = None if args.step is None else _load_step(args.step)
         model = _load_model(args.model, args.device)
-        optimizer = _make_optimizer(args.optimizer, model, args.lr)
+        if lightning_step(model) is None or loss is not None or step is not None:
+            optimizer = _make_optimizer(args.optimizer, model, args.lr)
     kwargs: dict[str, Any] = dict(
-        model=model, loss_fn=loss, optimizer=optimizer, device=args.device,
+        model=model, loss_fn=loss, optimizer=optimizer, step=step, device=args.device,
         n_trials=args.trials, timeout=args.timeout, memory_cap=args.memory_cap,
         gpu_memory_cap=args.gpu_memory_cap, batch_size=_single(args.batch_size),
         min_batch_size=args.min_batch_size, max_batch_size=args.max_batch_size,
         drop_last=args.drop_last, num_workers=_single(args.workers), max_workers=args.max_workers,
         amp=args.amp, sharded=args.sharded, storage=args.storage, study_name=args.study_name,
-        seed=args.seed,
+        seed=args.seed, keep_batch_size=args.keep_batch_size, cache=not args.no_cache,
     )
     if args.quiet:
         result = tune(dataset, **kwargs)
@@ -228,6 +235,20 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cache(action: str, console: Console) -> int:
+    if action == "clear":
+        count = cache.clear()
+        console.print(f"removed {count} cached result{'s' if count != 1 else ''} from "
+                      f"{cache.cache_dir()}")
+        return 0
+    found = cache.entries()
+    if not found:
+        console.print(f"no cached results in {cache.cache_dir()}")
+        return 0
+    console.print(render_cache(found, cache.cache_dir()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:
     """Run the CLI; returns the exit code (0 success, 1 tuning failed, 2 bad input, 130 Ctrl-C)."""
     console = console or Console()
@@ -238,6 +259,8 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
         if args.command == "show":
             console.print(render_report(TuneResult.load(args.path)))
             return 0
+        if args.command == "cache":
+            return _cache(args.action, console)
         return _tune(args, console)
     except _ArgumentError as exc:
         err.print(f"autoload: error: {exc}", markup=False, soft_wrap=True)

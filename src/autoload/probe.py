@@ -39,6 +39,7 @@ from autoload.memory import (
     reap_children,
 )
 from autoload.result import Measurement
+from autoload.sources import loss_of
 from autoload.state import TrainingState
 from autoload.timing import Recorder, Shape, Timing, Window
 
@@ -119,7 +120,17 @@ def batch_bytes(batch: Any) -> int:
     return sum(batch_bytes(v) for v in _values(batch))
 
 
-def _default_step(model: nn.Module, batch: Any, loss_fn: LossFn) -> torch.Tensor:
+def _default_step(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
+    """``loss_fn(model(x), y)`` for ``(x, y)`` batches; for a dict batch, the Hugging Face
+    convention: the model takes the batch's keys and returns its own ``.loss``."""
+    if isinstance(batch, Mapping) and loss_fn is None:
+        return loss_of(model(**batch), f"{type(model).__name__}(**batch)")
+    if loss_fn is None:
+        raise DatasetError(
+            f"a model needs a loss (loss_fn=, --loss) or a step (step=, --step) to train on "
+            f"{type(batch).__name__} batches; only dict batches fed to a model that returns "
+            ".loss need neither."
+        )
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         x, y = batch[0], batch[1]
         return loss_fn(model(x), y)
@@ -172,10 +183,8 @@ def make_step(config: LoaderConfig, *, device: torch.device, model: nn.Module | 
         batch = move_to_device(batch, device, pin)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             if step is not None:
-                loss = step(model, batch)
+                loss = loss_of(step(model, batch), "the step")
             else:
-                if loss_fn is None:
-                    raise DatasetError("a model needs a loss_fn (or a step) to train.")
                 loss = _default_step(model, batch, loss_fn)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from autoload.config import LoaderConfig
 from autoload.memory import format_size
-from autoload.result import ProgressEvent, TuneResult
+from autoload.result import FinalistRecord, ProgressEvent, TuneResult
 
 __all__ = ["LiveProgress", "render_report", "snippet"]
 
@@ -53,52 +56,82 @@ def render_report(result: TuneResult) -> RenderableType:
         f" ({len(result.trials)} trials over a space of {result.space_size}, "
         f"{result.elapsed_seconds:.0f} s)",
     )
-    return Group(head, _finalists_table(result), Text("\n".join(_lines(result))),
+    return Group(head, _Finalists(result), Text("\n".join(_lines(result))),
                  Text("Winning settings:", style="bold"),
                  Syntax(snippet(result), "python", theme="ansi_dark", background_color="default"))
 
 
-def _finalists_table(result: TuneResult) -> Table:
-    predicted = any(f.predicted for f in result.finalists)
-    table = Table(title="Best configurations, re-measured side by side", title_justify="left",
-                  caption=("predicted: the pipeline model's rate before measuring; "
-                           if predicted else "")
-                  + "spread: half the min-max range of the repeated measurements; "
-                  "wait: share of the time spent waiting for data", caption_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("configuration", overflow="fold")
-    table.add_column("samples/s", justify="right", no_wrap=True)
-    if predicted:
-        table.add_column("predicted", justify="right", no_wrap=True)
-    table.add_column("spread", justify="right", no_wrap=True)
-    table.add_column("start", justify="right", no_wrap=True)
-    table.add_column("host mem", justify="right", no_wrap=True)
-    gpu = any(f.peak_gpu_bytes for f in result.finalists)
-    if gpu:
-        table.add_column("GPU mem", justify="right", no_wrap=True)
-    table.add_column("wait", justify="right", no_wrap=True)
-    table.add_column("", justify="left", no_wrap=True)
-    for f in result.finalists:
-        row = [f.config.label(), _rate(f.median)]
-        if predicted:
-            row.append("-" if f.predicted is None else _rate(f.predicted))
-        row += [
-            f"±{50 * (max(f.rates) - min(f.rates)) / f.median:.0f}%"
-            if f.median and len(f.rates) > 1 else "-",
-            "-" if f.startup_seconds is None else f"{f.startup_seconds:.2f} s",
-            "-" if f.peak_host_bytes is None else format_size(f.peak_host_bytes),
-        ]
-        if gpu:
-            row.append(format_size(f.peak_gpu_bytes) if f.peak_gpu_bytes else "-")
-        role = "" if f.role == "candidate" else f.role
-        tag = (f"winner ({role})" if role else "winner") if f.config == result.config else role
-        row += [_pct(f.data_wait_fraction), tag]
-        table.add_row(*row, style="bold" if f.config == result.config else None)
-    return table
+class _Finalists:
+    """The finalists' table, fitted to the width rich gives it: columns that do not fit are
+    left out, least useful first (start-up, memory, wait, spread, prediction), so that no
+    configuration or number is ever folded over two lines."""
+
+    _OPTIONAL = ("predicted", "spread", "wait", "host mem", "GPU mem", "start")  # kept first
+
+    def __init__(self, result: TuneResult) -> None:
+        self.result = result
+
+    def _columns(self) -> dict[str, list[str]]:
+        result, finalists = self.result, self.result.finalists
+        columns = {
+            "configuration": [f.config.label() for f in finalists],
+            "samples/s": [_rate(f.median) for f in finalists],
+            "predicted": ["-" if f.predicted is None else _rate(f.predicted) for f in finalists],
+            "spread": [f"±{50 * (max(f.rates) - min(f.rates)) / f.median:.0f}%"
+                       if f.median and len(f.rates) > 1 else "-" for f in finalists],
+            "start": ["-" if f.startup_seconds is None else f"{f.startup_seconds:.2f} s"
+                      for f in finalists],
+            "host mem": ["-" if f.peak_host_bytes is None else format_size(f.peak_host_bytes)
+                         for f in finalists],
+            "GPU mem": [format_size(f.peak_gpu_bytes) if f.peak_gpu_bytes else "-"
+                        for f in finalists],
+            "wait": [_pct(f.data_wait_fraction) for f in finalists],
+            "": [_tag(f, result) for f in finalists],
+        }
+        if not any(f.predicted for f in finalists):
+            del columns["predicted"]
+        if not any(f.peak_gpu_bytes for f in finalists):
+            del columns["GPU mem"]
+        return columns
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        columns = self._columns()
+        width = {name: max(len(name), *(len(v) for v in values))
+                 for name, values in columns.items()}
+        kept = [name for name in columns if name not in self._OPTIONAL]
+        for name in self._OPTIONAL:
+            if name in columns and sum(width[k] + 2 for k in [*kept, name]) <= options.max_width:
+                kept.append(name)
+        order = [name for name in columns if name in kept]
+        caption = []
+        if "predicted" in order:
+            caption.append("predicted: the pipeline model's rate before measuring")
+        if "spread" in order:
+            caption.append("spread: half the min-max range of the repeated measurements")
+        if "wait" in order:
+            caption.append("wait: share of the time spent waiting for data")
+        table = Table(title="Best configurations, re-measured side by side",
+                      title_justify="left", caption="; ".join(caption) or None,
+                      caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for name in order:
+            table.add_column(name, justify="left" if name in ("configuration", "") else "right",
+                             no_wrap=True)
+        for i, f in enumerate(self.result.finalists):
+            table.add_row(*(columns[name][i] for name in order),
+                          style="bold" if f.config == self.result.config else None)
+        yield table
+
+
+def _tag(f: FinalistRecord, result: TuneResult) -> str:
+    role = "" if f.role == "candidate" else f.role
+    return (f"winner ({role})" if role else "winner") if f.config == result.config else role
 
 
 def _lines(result: TuneResult) -> list[str]:
     lines = []
+    if result.cached:
+        lines.append(f"from the cache ({result.cached}): this machine tuned the same data, "
+                     "model and options before; --no-cache (cache=False) measures again")
     for name, label in (("defaults", "PyTorch defaults"), ("recipe", "hand-tuned recipe")):
         speedup = result.speedup(name)
         if name == result.winner.role:
@@ -120,7 +153,7 @@ def _lines(result: TuneResult) -> list[str]:
         lines.append(f"one epoch of {n:,} samples: about {epoch:.1f} s")
     if result.config.drop_last and n is not None:
         lines.append(f"drop_last: each epoch drops {result.dropped_per_epoch} of {n} samples")
-    return lines + list(result.notes)
+    return lines + result.batch_size_advice() + list(result.notes)
 
 
 def _bound_lines(result: TuneResult) -> list[str]:
@@ -146,6 +179,26 @@ def _bound_lines(result: TuneResult) -> list[str]:
         lines.append(f"one process fetches {_rate(result.fetch_rate)} samples/s; the winner "
                      f"reaches {result.samples_per_second / result.fetch_rate:.1f}x that")
     return lines
+
+
+def render_cache(found: list[tuple[Path, dict[str, Any] | None]], folder: Path) -> Table:
+    """The cached results (``autoload cache list``), one row a file."""
+    table = Table(title=f"Cached results in {folder}", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    for column in ("file", "data", "model", "device", "winner", "samples/s"):
+        table.add_column(column, overflow="fold")
+    for path, data in found:
+        if data is None or "config" not in data:
+            table.add_row(path.name, "(unreadable)", "", "", "", "")
+            continue
+        parts = (data.get("cache") or {}).get("fingerprint") or {}
+        model = (parts.get("model") or {}).get("class") or "-"
+        kind = (parts.get("data") or {}).get("type", "?")
+        table.add_row(path.name[:12], str(kind).split(".")[-1],
+                      str(model).split(".")[-1], str(data.get("device")),
+                      LoaderConfig.from_dict(data["config"]).label(),
+                      _rate(float(data.get("samples_per_second") or 0)))
+    return table
 
 
 class LiveProgress:

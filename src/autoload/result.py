@@ -4,6 +4,7 @@ JSON in and out."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -168,6 +169,26 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
+_ADAM_FAMILY = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SparseAdam", "Adafactor",
+                "Adagrad", "RMSprop", "Lamb", "LAMB")
+
+
+def _lr_rule(factor: float, optimizer: str | None) -> str:
+    """The learning rate's scaling for a batch ``factor`` times larger: linear for SGD (Goyal
+    et al. 2017), the square root for Adam-family optimizers (Malladi et al. 2022)."""
+    linear = (f"multiply the learning rate by {factor:.3g} for SGD (the linear rule, "
+              "Goyal et al. 2017)")
+    root = (f"by {math.sqrt(factor):.3g} for Adam-family optimizers (the square-root rule, "
+            "Malladi et al. 2022)")
+    if optimizer in _ADAM_FAMILY:
+        return (f"multiply {optimizer}'s learning rate by {math.sqrt(factor):.3g} (the "
+                "square-root rule for Adam-family optimizers, Malladi et al. 2022)")
+    if optimizer == "SGD":
+        return (f"multiply SGD's learning rate by {factor:.3g} (the linear rule, Goyal et al. "
+                "2017)")
+    return f"{linear}, {root}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class TuneResult:
     """The outcome of :func:`autoload.tune`.
@@ -194,6 +215,9 @@ class TuneResult:
             (coefficient of variation), as estimated during the search.
         limit: What the pipeline model says bounds the winner (e.g. ``"the training step"``,
             ``"the CPU cores"``, ``"each epoch's start"``), when it had costs to model.
+        reference_batch_size: The batch size the user trained at (their DataLoader's), if known.
+        optimizer: The optimizer's class name, when a model was trained.
+        cached: Where this result was read from, when it came from the cache (not saved).
     """
 
     config: LoaderConfig
@@ -212,6 +236,9 @@ class TuneResult:
     fetch_rate: float | None = None
     noise_cv: float | None = None
     limit: str | None = None
+    reference_batch_size: int | None = None
+    optimizer: str | None = None
+    cached: str | None = None
 
     @property
     def bound(self) -> Literal["data loading", "training step"]:
@@ -228,6 +255,36 @@ class TuneResult:
         """Samples each epoch drops (only with ``drop_last``)."""
         n = self.samples_per_epoch
         return n % self.config.batch_size if n is not None and self.config.drop_last else 0
+
+    def batch_size_advice(self) -> list[str]:
+        """How to keep training equivalent when the tuned batch size is not the one trained at
+        (the learning rate's scaling, or gradient accumulation), and what autocast asks of the
+        training loop when it won; plain sentences, empty when there is nothing to say."""
+        lines = []
+        ref, tuned, n = self.reference_batch_size, self.config.batch_size, self.samples_per_epoch
+        if ref and ref != tuned:
+            steps = (f" ({-(-n // ref):,} steps an epoch become {-(-n // tuned):,})"
+                     if n else "")
+            lines.append(f"batch size {ref} -> {tuned}{steps}: " + _lr_rule(tuned / ref,
+                                                                           self.optimizer))
+            if tuned < ref and ref % tuned == 0:
+                k = ref // tuned
+                lines.append(f"or keep an effective batch of {ref}: accumulate gradients over "
+                             f"{k} batches of {tuned} (divide each loss by {k}, step the "
+                             f"optimizer every {k} batches)")
+            elif tuned > ref:
+                lines.append(f"or keep batch size {ref}: keep_batch_size=True "
+                             "(--keep-batch-size) tunes everything else at it")
+        if self.amp is not None:
+            device = self.device.split(":")[0]
+            line = (f"autocast won: run each training step under torch.autocast({device!r}, "
+                    f"dtype=torch.{self.amp})")
+            if self.amp == "float16" and device == "cuda":
+                line += (', and scale the loss with scaler = torch.amp.GradScaler("cuda"): '
+                         "scaler.scale(loss).backward(); scaler.step(optimizer); "
+                         "scaler.update()")
+            lines.append(line)
+        return lines
 
     def speedup(self, baseline: str) -> float | None:
         rate = self.baselines.get(baseline)
@@ -257,6 +314,8 @@ class TuneResult:
             "fetch_rate": self.fetch_rate,
             "noise_cv": self.noise_cv,
             "limit": self.limit,
+            "reference_batch_size": self.reference_batch_size,
+            "optimizer": self.optimizer,
             "format_version": FORMAT_VERSION,
         }
         return json.dumps(data, indent=indent)
@@ -289,6 +348,8 @@ class TuneResult:
                 fetch_rate=data.get("fetch_rate"),
                 noise_cv=data.get("noise_cv"),
                 limit=data.get("limit"),
+                reference_batch_size=data.get("reference_batch_size"),
+                optimizer=data.get("optimizer"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ResultFileError(

@@ -240,18 +240,22 @@ def build_space(
     amp: AmpChoice = "auto",
     bf16_supported: bool = True,
     cpus: int | None = None,
+    partial_last_batch: bool = False,
 ) -> SearchSpace:
     """Build the search space from the data set's size, the device and the user's pins.
 
     ``samples_per_epoch`` is ``None`` for a data set without a length (an ``IterableDataset``):
-    then any batch size in range is allowed, as with ``drop_last``.
+    then any batch size in range is allowed, as with ``drop_last``. ``partial_last_batch``
+    allows a pinned batch size that does not divide the epoch (the user's own loader's, kept:
+    its last batch is short, and every sample is still served once).
 
     Raises:
         ConfigError: A pinned value or a bound breaks a rule, or no batch size fits.
     """
     cpus = cpus or usable_cpus()
     n = samples_per_epoch
-    batches = _batch_sizes(n, batch_size, min_batch_size, max_batch_size, drop_last)
+    batches = _batch_sizes(n, batch_size, min_batch_size, max_batch_size,
+                           drop_last or partial_last_batch)
     pinned_workers = _as_tuple(num_workers, "num_workers")
     if max_workers is not None and max_workers < 0:
         raise ConfigError(f"`max_workers >= 0` must hold, but got {max_workers=}.")

@@ -6,6 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -14,6 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from autoload.budget import Budget
+from autoload.cache import fingerprint
+from autoload.cache import load as load_cached
+from autoload.cache import store as store_cached
 from autoload.errors import ConfigError, DatasetError
 from autoload.final import finish
 from autoload.memory import default_memory_cap, parse_size
@@ -28,6 +32,7 @@ from autoload.search import (
     no_feasible_error,
     widen_for_slow_fetches,
 )
+from autoload.sources import Source, lightning_optimizer, lightning_step, resolve
 from autoload.space import AmpChoice, SearchSpace, build_space, cpu_has_native_bf16
 
 __all__ = ["best_loader", "tune"]
@@ -90,7 +95,7 @@ def _resolve_device(device: str | torch.device, model: nn.Module | None) -> torc
 
 
 def tune(
-    dataset: Dataset[Any],
+    dataset: Any,
     *,
     model: nn.Module | None = None,
     loss_fn: LossFn | None = None,
@@ -112,6 +117,8 @@ def tune(
     pin_memory: bool | None = None,
     amp: AmpChoice = "auto",
     sharded: bool = False,
+    keep_batch_size: bool = False,
+    cache: bool = True,
     storage: str | None = None,
     study_name: str | None = None,
     seed: int = 0,
@@ -131,10 +138,15 @@ def tune(
     than either baseline. The model, its optimizer and the RNG states are restored bit for bit.
 
     Args:
-        dataset: A map-style Dataset (or an IterableDataset).
+        dataset: What the training script has: a Dataset (map-style or iterable), a DataLoader
+            (its data set and every argument autoload does not tune are kept), a Lightning
+            ``LightningDataModule`` (its ``train_dataloader()`` after ``setup("fit")``), or a
+            zero-argument callable returning one.
         model: Trained during each window; ``None`` measures data loading (and the copy to the
             device) alone.
-        loss_fn: ``loss_fn(model(x), y)``; required with a model unless ``step`` is given.
+        loss_fn: ``loss_fn(model(x), y)``. Not needed with a ``step``, with a LightningModule
+            (its ``training_step`` is the step), or with dict batches fed to a model that
+            returns ``.loss`` (the Hugging Face convention, ``model(**batch).loss``).
         optimizer: The optimizer to step (restored afterwards); SGD(lr=0.01) when ``None``.
         step: A custom step ``step(model, batch) -> loss`` for batches that are not (x, y).
         device: ``"auto"`` (the model's device, else CUDA if present, else CPU), ``"cpu"``, ...
@@ -157,6 +169,10 @@ def tune(
             ``"bfloat16"``, ``"float16"``.
         sharded: For an IterableDataset that shards itself across workers (via
             ``get_worker_info``): allows worker counts above 0.
+        keep_batch_size: Tune everything else at the batch size of the user's DataLoader.
+        cache: Return a remembered result for the same machine, data, model and options at
+            once (``result.cached`` says where from), and remember this one; see
+            :mod:`autoload.cache`. Off with a ``probe`` of the caller's.
         storage: An Optuna storage URL (e.g. ``"sqlite:///autoload.db"``) to keep the study.
         study_name: The study's name in ``storage`` (resumed when it exists).
         seed: Seed of the TPE sampler.
@@ -182,10 +198,18 @@ def tune(
         >>> loader = torch.utils.data.DataLoader(data, **result.loader_kwargs)
     """
     start = clock()
-    loader_options = dict(loader_options or {})
-    _check_arguments(loader_options, timeout=timeout, n_trials=n_trials, model=model,
-                     optimizer=optimizer, loss_fn=loss_fn, step=step,
+    source = resolve(dataset)
+    _check_arguments(dict(loader_options or {}), timeout=timeout, n_trials=n_trials,
+                     model=model, optimizer=optimizer, loss_fn=loss_fn, step=step,
                      n_finalists=n_finalists, final_rounds=final_rounds)
+    loader_options = {**source.loader_options, **dict(loader_options or {})}
+    if model is not None and step is None and loss_fn is None:
+        step = lightning_step(model)
+        if step is not None and optimizer is None:
+            optimizer = lightning_optimizer(model)
+    drop_last = drop_last or bool(source.drop_last)
+    batch_size = _kept_batch_size(source, batch_size, keep_batch_size)
+    dataset = source.dataset
     n = _samples_per_epoch(dataset, loader_options)
     resolved = _resolve_device(device, model)
     notes: list[str] = []
@@ -198,29 +222,58 @@ def tune(
         device_type=resolved.type, has_model=model is not None, batch_size=batch_size,
         min_batch_size=min_batch_size, max_batch_size=max_batch_size, drop_last=drop_last,
         num_workers=num_workers, max_workers=max_workers, prefetch_factor=prefetch_factor,
-        pin_memory=pin_memory, amp=amp,
+        pin_memory=pin_memory, amp=amp, partial_last_batch=keep_batch_size,
         bf16_supported=torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(),
     )
     space = build_space(n, **space_args)
     notes += _space_notes(space, cuda=cuda, has_model=model is not None, amp=amp)
+    parts = None
+    if cache and probe is None:  # a probe of the caller's own measures something else
+        parts = fingerprint(
+            dataset=dataset, model=model, step=step, loss_fn=loss_fn, optimizer=optimizer,
+            device=str(resolved), loader_options=loader_options,
+            bounds={**space_args, "sharded": sharded, "keep_batch_size": keep_batch_size,
+                    "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap})
+        remembered = load_cached(parts)
+        if remembered is not None:
+            return remembered
     if probe is None:
         probe = _default_probe(dataset, resolved, model=model, loss_fn=loss_fn,
                                optimizer=optimizer, step=step, loader_options=loader_options,
                                memory_cap=memory_cap, gpu_memory_cap=gpu_memory_cap, clock=clock)
-    seconds = 1.0 if timeout is None else min(5.0, max(0.25, timeout / 60))
+    result = _search(space, probe, space_args=space_args, n=n, notes=notes,
+                     budget=Budget(timeout, start=start, clock=clock), n_trials=n_trials,
+                     progress=progress, n_finalists=n_finalists, final_rounds=final_rounds,
+                     seed=seed, storage=storage, study_name=study_name, device=str(resolved),
+                     widen=num_workers is None and max_workers is None)
+    result = replace(result, reference_batch_size=source.batch_size,
+                     optimizer=None if model is None else type(probe_optimizer(
+                         probe, optimizer)).__name__)
+    if parts is not None:
+        store_cached(parts, result)
+    return result
+
+
+def _search(space: SearchSpace, probe: Probe, *, space_args: dict[str, Any], n: int | None,
+            notes: list[str], budget: Budget, n_trials: int | None,
+            progress: ProgressCallback | None, n_finalists: int, final_rounds: int, seed: int,
+            storage: str | None, study_name: str | None, device: str,
+            widen: bool) -> TuneResult:
+    """The study: the pilot, the baselines, the planner's trials, then the final re-measure."""
+    seconds = 1.0 if budget.seconds is None else min(5.0, max(0.25, budget.seconds / 60))
     state = SearchState(space, probe, window=Window(seconds=seconds,
                                                      deadline=max(20.0, 10 * seconds)),
-                        budget=Budget(timeout, start=start, clock=clock), n_trials=n_trials,
-                        progress=progress, n_finalists=n_finalists, final_rounds=final_rounds)
-    model_of_pipeline = PipelineModel(cores=space.cpus, samples_per_epoch=n, drop_last=drop_last)
+                        budget=budget, n_trials=n_trials, progress=progress,
+                        n_finalists=n_finalists, final_rounds=final_rounds)
+    model = PipelineModel(cores=space.cpus, samples_per_epoch=n,
+                          drop_last=space_args["drop_last"])
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        study = _study(state, model_of_pipeline, seed=seed, storage=storage,
-                       study_name=study_name)
+        study = _study(state, model, seed=seed, storage=storage, study_name=study_name)
         load_previous(study, state)
         pilot = measure_pilot(state, space.baselines()[0])
-        if num_workers is None and max_workers is None:
+        if widen:
             space = widen_for_slow_fetches(state, space, pilot, n, space_args, notes)
         _enqueue_baselines(study, state, space)
         # The first trial is the pilot's, already measured: it costs nothing, and the callback
@@ -228,8 +281,8 @@ def tune(
         study.optimize(state.objective, n_trials=n_trials, callbacks=[state.callback])
         if state.best() is None:
             raise no_feasible_error(state)
-        return finish(state, model=model_of_pipeline if model_of_pipeline.ready else None,
-                      device=str(resolved), samples_per_epoch=n, notes=notes)
+        return finish(state, model=model if model.ready else None, device=device,
+                      samples_per_epoch=n, notes=notes)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
@@ -252,12 +305,28 @@ def _check_arguments(loader_options: Mapping[str, Any], *, timeout: float | None
         raise ConfigError("give a timeout or n_trials (or both), or the study never ends.")
     if model is None and (optimizer is not None or loss_fn is not None or step is not None):
         raise ConfigError("loss_fn, optimizer and step need a model; pass model=... too.")
-    if model is not None and loss_fn is None and step is None:
-        raise ConfigError("a model needs a loss_fn (e.g. torch.nn.functional.cross_entropy) "
-                          "or a step function to train.")
     if n_finalists < 1 or final_rounds < 1:
         raise ConfigError(f"`n_finalists >= 1` and `final_rounds >= 1` must hold, but got "
                           f"({n_finalists=}, {final_rounds=}).")
+
+
+def _kept_batch_size(source: Source, batch_size: int | Sequence[int] | None,
+                     keep: bool) -> int | Sequence[int] | None:
+    """The batch size to search: the user's own with ``keep_batch_size``."""
+    if not keep:
+        return batch_size
+    if batch_size is not None:
+        raise ConfigError("keep_batch_size=True keeps your loader's batch size, so batch_size= "
+                          "cannot also be given; drop one of them.")
+    if source.batch_size is None:
+        raise ConfigError("keep_batch_size=True needs the batch size you train at: pass your "
+                          "DataLoader (or a factory of it), or pin batch_size=N instead.")
+    return source.batch_size
+
+
+def probe_optimizer(probe: Probe, optimizer: torch.optim.Optimizer | None) -> Any:
+    """The optimizer the training steps used (the probe's default SGD when none was given)."""
+    return optimizer if optimizer is not None else getattr(probe, "optimizer", None)
 
 
 def _space_notes(space: SearchSpace, *, cuda: bool, has_model: bool,
@@ -307,12 +376,13 @@ def _enqueue_baselines(study: optuna.Study, state: SearchState, space: SearchSpa
         study.enqueue_trial(space.params(baseline), skip_if_exists=True)
 
 
-def best_loader(dataset: Dataset[Any], *, result: TuneResult | None = None,
+def best_loader(dataset: Any, *, result: TuneResult | None = None,
                 **kwargs: Any) -> DataLoader[Any]:
     """Tune (unless ``result`` is given) and return a DataLoader built with the winner.
 
-    Takes the same keyword arguments as :func:`tune`; ``loader_options`` are passed to the
-    DataLoader untouched.
+    Takes what :func:`tune` takes: a Dataset, a DataLoader (the new one keeps every argument of
+    it autoload does not tune: its sampler, collate_fn, worker_init_fn...), a
+    LightningDataModule or a factory of one, and the same keyword arguments.
 
     Example:
         >>> import torch, autoload
@@ -320,7 +390,8 @@ def best_loader(dataset: Dataset[Any], *, result: TuneResult | None = None,
         >>> data = TensorDataset(torch.randn(256, 4))
         >>> loader = autoload.best_loader(data, timeout=4, max_workers=1)
     """
-    loader_options = dict(kwargs.get("loader_options") or {})
+    source = resolve(dataset)
+    loader_options = {**source.loader_options, **dict(kwargs.get("loader_options") or {})}
     if result is None:
-        result = tune(dataset, **kwargs)
-    return DataLoader(dataset, **result.config.dataloader_arguments(loader_options))
+        result = tune(source, **kwargs)
+    return DataLoader(source.dataset, **result.config.dataloader_arguments(loader_options))
