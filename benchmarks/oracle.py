@@ -169,11 +169,18 @@ def _measure_contenders_whole(name: str, probe: Probe, points: list[dict[str, An
             f"{point['samples_per_second']:,.0f}/s)")
 
 
+def per_rank(n: int, job: Any) -> int:
+    """Samples of one rank's shard (a DistributedSampler's: the data set split evenly)."""
+    return n if job is None else -(-n // job.world.size)
+
+
 def measure_grid(case: Case, dataset: Any, model: Any, probe: Probe, settings: Settings,
-                 ) -> tuple[dict[str, Any], LoaderConfig | None, float]:
-    """Measure the case's grid: the JSON's grid block, the oracle and its rate."""
+                 job: Any = None) -> tuple[dict[str, Any], LoaderConfig | None, float]:
+    """Measure the case's grid: the JSON's grid block, the oracle and its rate. ``model`` is
+    the bare module (in a job, its step bound runs on rank 0 alone)."""
     device = torch.device(settings.device)
-    batch_sizes = log_spaced_divisors(case.n, settings.batch_sizes, high=case.max_batch)
+    batch_sizes = log_spaced_divisors(per_rank(case.n, job), settings.batch_sizes,
+                                      high=case.max_batch)
     amps = settings.amps if model is not None else (None,)
     grid = build_grid(batch_sizes, settings.workers, has_model=model is not None,
                       prefetch_factors=settings.prefetch_factors, amps=amps,

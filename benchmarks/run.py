@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the benchmark's modules live beside this file
     sys.path.insert(0, str(HERE))
 
+import job as job_mod  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import torch  # noqa: E402
@@ -40,13 +42,19 @@ from compare import (  # noqa: E402
     remeasure,
 )
 from grid import nearest_divisor  # noqa: E402
-from oracle import error_line, measure_grid, reuse_grid  # noqa: E402
+from oracle import (  # noqa: E402
+    error_line,
+    measure_grid,
+    per_rank,  # noqa: E402
+    reuse_grid,
+)
 from rich.console import Console  # noqa: E402
 from settings import Settings, parse_args  # noqa: E402
 from tables import random_table, results_table, spread_table  # noqa: E402
 
 import autoload  # noqa: E402
 from autoload import LoaderConfig, TrainingProbe  # noqa: E402
+from autoload.distributed import follow  # noqa: E402
 from autoload.space import usable_cpus  # noqa: E402
 
 
@@ -113,29 +121,45 @@ def run_tuner(name: str, dataset: Any, model: Any, loss: Any, optimizer: Any,
 
 
 def run_case(case: Case, settings: Settings, reused: dict[str, Any] | None = None,
-             reused_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+             reused_meta: dict[str, Any] | None = None,
+             job: job_mod.Job | None = None) -> dict[str, Any] | None:
     """One case: the grid (or ``reused``, the case's entry of an earlier run's JSON), the tuner
-    and the side-by-side re-measure."""
+    and the side-by-side re-measure; in a job, rank 0's record (the others return ``None``)."""
     device = torch.device(settings.device)
     torch.manual_seed(0)
     np.random.seed(0)
     dataset, model = case.make_dataset(), case.make_model()
     if model is not None and settings.cuda:
         model = model.to(device)  # before the optimizer, which holds the parameters
+    model = job_mod.wrap(model, job)
     loss = case.loss if model is not None else None
     optimizer = None if model is None else torch.optim.SGD(model.parameters(), lr=0.01)
-    probe = TrainingProbe(dataset, device=device, model=model, loss_fn=loss, optimizer=optimizer)
+    probe = TrainingProbe(dataset, device=device, model=model, loss_fn=loss, optimizer=optimizer,
+                          loader_options=job_mod.shard_options(dataset, job),
+                          sync=None if job is None else job.channel.vote)
+    if job is not None and not job.leader:
+        if reused is None:
+            follow(probe, job.channel)  # the grid
+        run_tuner(case.name, dataset, model, loss, optimizer, settings)
+        follow(probe, job.channel)  # the re-measure
+        return None
+    measuring = job_mod.measuring_probe(probe, job)
     if reused is None:
-        grid_block, oracle, oracle_rate = measure_grid(case, dataset, model, probe, settings)
+        grid_block, oracle, oracle_rate = measure_grid(case, dataset, job_mod.unwrap(model),
+                                                       measuring, settings, job=job)
+        if job is not None:
+            measuring.finish("grid")
     else:
         grid_block, oracle, oracle_rate = reuse_grid(case.name, reused, reused_meta or {})
     log(f"[{case.name}] tuning for {settings.tune_timeout:g} s")
     tuner = run_tuner(case.name, dataset, model, loss, optimizer, settings)
     if tuner["error"]:
         log(f"[{case.name}] tune failed: {tuner['error']}")
-    roles = _roles(case, tuner, oracle, settings)
+    roles = _roles(case, tuner, oracle, settings, job)
     target = RANDOM_TARGET if case.spec else FIXED_TARGET
-    rows = remeasure(case.name, probe, roles, settings, target)
+    rows = remeasure(case.name, measuring, roles, settings, target)
+    if job is not None:
+        measuring.finish("re-measure")
     summary = evaluate(roles, rows, tuner["wall_seconds"], float(grid_block["seconds"]),
                        budget=settings.tune_timeout, target=target)
     log(f"[{case.name}] {summary['verdict']}")
@@ -148,12 +172,13 @@ def run_case(case: Case, settings: Settings, reused: dict[str, Any] | None = Non
         },
         "tuner": tuner, "roles": {role: config.to_dict() for role, config in roles.items()},
         "remeasure": rows, "summary": summary,
+        "nproc": 1 if job is None else job.world.size,
     }
 
 
 def _roles(case: Case, tuner: dict[str, Any], oracle: LoaderConfig | None,
-           settings: Settings) -> dict[str, LoaderConfig]:
-    b64 = nearest_divisor(case.n, 64)
+           settings: Settings, job: job_mod.Job | None = None) -> dict[str, LoaderConfig]:
+    b64 = nearest_divisor(per_rank(case.n, job), 64)
     roles: dict[str, LoaderConfig] = {}
     if tuner["config"] is not None:
         roles["tuner"] = LoaderConfig.from_dict(tuner["config"])
@@ -182,16 +207,22 @@ def _reused_meta(args: Any, settings: Settings, machine: dict[str, Any]) -> dict
     return {"path": str(settings.reuse_grid), "started": args.reused.get("started")}
 
 
-def run_all(args: Any, settings: Settings, data: dict[str, Any], started: float) -> int:
-    """Every selected case in turn; the JSON is rewritten after each one."""
+def run_all(args: Any, settings: Settings, data: dict[str, Any], started: float,
+            job: job_mod.Job | None = None) -> int:
+    """Every selected case in turn; the JSON is rewritten after each one (by rank 0 alone in
+    a job)."""
     meta = _reused_meta(args, settings, data["machine"])
     status = 0
     for i, case in enumerate(args.selected, 1):
+        if job is not None and not job.leader:
+            reused = None if args.reused is None else args.reused["cases"][case.name]
+            run_case(case, settings, reused=reused, reused_meta=meta, job=job)
+            continue
         log(f"== case {i}/{len(args.selected)}: {case.name} ({case.description})")
         try:
             reused = None if args.reused is None else args.reused["cases"][case.name]
             data["cases"][case.name] = run_case(case, settings, reused=reused,
-                                                reused_meta=meta)
+                                                reused_meta=meta, job=job)
         except KeyboardInterrupt:
             log(f"[{case.name}] interrupted; the cases before it are kept")
             data["interrupted"] = case.name
@@ -211,6 +242,11 @@ def run_all(args: Any, settings: Settings, data: dict[str, Any], started: float)
 def main(argv: Sequence[str] | None = None,
          console_factory: Callable[[], Console] | None = None) -> int:
     args, settings = parse_args(argv)
+    job = job_mod.start()
+    if args.nproc > 1 and job is None:
+        return job_mod.launch(sys.argv[1:] if argv is None else list(argv), args.nproc)
+    if job is not None:  # the node's CPUs are shared among its ranks
+        settings = replace(settings, cpus=max(1, settings.cpus // job.world.local_size))
     started = time.time()
     data: dict[str, Any] = {
         "format_version": 1,
@@ -222,7 +258,10 @@ def main(argv: Sequence[str] | None = None,
         "cases": {}, "elapsed_seconds": 0.0,
     }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    status = run_all(args, settings, data, started)
+    data["settings"]["nproc"] = 1 if job is None else job.world.size
+    status = run_all(args, settings, data, started, job)
+    if job is not None and not job.leader:
+        return status
     console = console_factory() if console_factory else Console(
         width=None if sys.stdout.isatty() else 170)
     if settings.cuda:

@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--random", type=int, metavar="N", default=0,
         help="also run N workloads drawn at random from --seed (benchmarks/workloads.py)")
     add("--seed", type=int, default=0, help="the random workloads' seed (default: %(default)s)")
+    add("--nproc", type=int, default=1, metavar="N",
+        help="run as an N-rank torchrun job on this machine (DDP models, a shard per rank, "
+             "every measurement collective; see benchmarks/job.py)")
     add("--device", choices=("cpu", "cuda"), default="cpu",
         help="where the model trains and batches go (default: %(default)s); cuda adds "
              "pin_memory and float16 to the grid and sizes the defaults below for a short run")
@@ -204,6 +207,8 @@ def _check(parser: argparse.ArgumentParser, settings: Settings,
         parser.error("--max-grid-workers must be at least 1")
     if args.random < 0:
         parser.error("--random must be at least 0")
+    if args.nproc < 1:
+        parser.error("--nproc must be at least 1")
 
 
 def select_cases(args: argparse.Namespace, settings: Settings) -> list[Case]:

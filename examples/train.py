@@ -34,6 +34,7 @@ parser.add_argument("--samples", type=int, default=4096)
 args = parser.parse_args()
 
 learning_rate = args.lr
+batch_size = 64
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 num_epochs = args.epochs
 
@@ -53,15 +54,19 @@ optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=0.9)
 # 3. Data: the Dataset, and a DataLoader whose arguments autoload measured ----------------------
 train_set = SyntheticImages(args.samples, seed=0)
 test_set = SyntheticImages(1024, seed=1)
+# The script's own loader, as written by hand; autoload keeps its shuffling and tunes the rest.
+train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True)
 if args.result:
     tuned = autoload.TuneResult.load(args.result)
 else:
-    tuned = autoload.tune(train_set, model=net, optimizer=optimizer, device=device,
+    tuned = autoload.tune(train_loader, model=net, optimizer=optimizer, device=device,
                           loss_fn=lambda out, y: criterion(out, y).mean(),
-                          loader_options={"shuffle": True}, timeout=args.tune_seconds)
+                          timeout=args.tune_seconds)
 print(f"autoload: {tuned.samples_per_second:,.0f} samples/s with {tuned.loader_kwargs}, "
       f"amp={tuned.amp}; defaults gave {tuned.baselines.get('defaults', 0):,.0f}")
-train_iter = DataLoader(train_set, shuffle=True, **tuned.loader_kwargs)
+for line in tuned.batch_size_advice():
+    print(f"autoload: {line}")
+train_iter = autoload.best_loader(train_loader, result=tuned)
 test_iter = DataLoader(test_set, shuffle=False, **tuned.loader_kwargs)
 non_blocking = tuned.loader_kwargs["pin_memory"]
 amp_dtype = None if tuned.amp is None else getattr(torch, tuned.amp)

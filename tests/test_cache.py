@@ -17,7 +17,7 @@ from autoload.report import render_report
 
 from toydata import Indexed
 
-FAST = dict(timeout=4, max_workers=1, final_rounds=2)
+FAST = dict(timeout=2, max_workers=1, final_rounds=1)
 
 
 def test_a_second_run_is_answered_from_the_cache_at_once_and_says_so():
@@ -35,8 +35,7 @@ def test_a_second_run_is_answered_from_the_cache_at_once_and_says_so():
 def test_what_changes_the_answer_misses_and_cache_false_measures_again():
     autoload.tune(Indexed(96), **FAST)
     assert autoload.tune(Indexed(120), **FAST).cached is None  # another data set
-    assert autoload.tune(Indexed(96), max_batch_size=16, timeout=4, max_workers=1,
-                         final_rounds=2).cached is None  # other search bounds
+    assert autoload.tune(Indexed(96), **{**FAST, "max_workers": 0}).cached is None  # bounds
     net = nn.Linear(4, 3)
     assert autoload.tune(Indexed(96), model=net, loss_fn=nn.functional.cross_entropy,
                          **FAST).cached is None  # a model

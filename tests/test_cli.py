@@ -398,7 +398,7 @@ def _compares_with_defaults(out: str) -> bool:
 
 # --- what the user already has ----------------------------------------------------------------
 
-QUICK = ["--device", "cpu", "--timeout", "4", "--max-workers", "1", "--quiet"]
+QUICK = ["--device", "cpu", "--timeout", "3", "--max-workers", "1", "--quiet"]
 
 
 def test_tune_a_dataloader_and_a_step_from_the_command_line(data, tmp_path):

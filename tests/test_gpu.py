@@ -34,3 +34,21 @@ def test_gpu_memory_cap_makes_trials_infeasible():
                           loss_fn=nn.functional.cross_entropy, gpu_memory_cap=1 << 20)
     with pytest.raises(MemoryCapExceeded, match="GPU"):
         probe.measure(LoaderConfig(256, amp="float16"), Window(seconds=0.2))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_ranks_on_two_gpus_agree_with_nccl(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = Path(__file__).resolve().parent / "ddp_job.py"
+    env = {**os.environ, "AUTOLOAD_TEST_OUT": str(tmp_path), "AUTOLOAD_TEST_BACKEND": "nccl"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(job)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["result"]["config"] == ranks[1]["result"]["config"]

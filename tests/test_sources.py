@@ -14,7 +14,7 @@ from autoload.sources import resolve
 from conftest import worker_processes
 from toydata import EveryOther, Indexed, collate_pairs, seed_worker
 
-FAST = dict(timeout=5, max_workers=1, final_rounds=2)
+FAST = dict(timeout=3, max_workers=1, final_rounds=1)
 TUNED = ("batch_size", "num_workers", "pin_memory", "prefetch_factor", "persistent_workers",
          "drop_last")
 

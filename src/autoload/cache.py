@@ -94,6 +94,8 @@ def _data(dataset: Any) -> dict[str, Any]:
             np.random.seed(0)
             random.seed(0)
             items = [_describe(dataset[i], digest) for i in sorted({0, n // 2, n - 1})]
+        except Exception as exc:  # the user's items raise: the trials will say so, not this
+            items = [f"unreadable: {type(exc).__name__}"]
         finally:
             torch.set_rng_state(saved[0])
             np.random.set_state(saved[1])

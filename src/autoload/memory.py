@@ -331,6 +331,8 @@ def child_pids() -> set[int]:
     return set(tree_pids()[1:])
 
 
-def default_memory_cap() -> int:
-    """What the tree uses now plus 80% of the memory available now."""
-    return ProcessTreeMemory().sample() + int(0.8 * psutil.virtual_memory().available)
+def default_memory_cap(share: int = 1) -> int:
+    """What the tree uses now plus 80% of the memory available now, of which this process's
+    tree gets one ``share`` (the ranks of a job on one node divide it)."""
+    available = 0.8 * psutil.virtual_memory().available / max(1, share)
+    return ProcessTreeMemory().sample() + int(available)

@@ -44,6 +44,10 @@ _PICKS_BEFORE_OPTIONS = 2
 # is predicted within these shares of the best measured rate: anywhere (the model's trends
 # err by a fifth or so far from what it measured), or next to the best (where it is accurate).
 _MIN_PICKS, _HOPE_ANYWHERE, _HOPE_NEARBY = 8, 0.85, 0.97
+# Far from every measurement the model's error is larger: a pick anywhere weighs a prediction
+# up by this share of its novelty (optimism in the face of uncertainty), and a step next to
+# the best is taken only while the model gives it this share of the best's rate.
+_OPTIMISM, _WORTH_A_STEP = 0.3, 0.9
 
 
 class Planner:
@@ -128,12 +132,14 @@ class Planner:
         if not self.model.ready:
             return None
         best = self.state.best()
-        anywhere = self._best_predicted(self.state.space.configs())
+        anywhere = self._best_predicted(self.state.space.configs(), optimism=_OPTIMISM)
         nearby = None if best is None else self._best_predicted(self._neighbours(best.config))
         if best is not None and self.picks >= _MIN_PICKS and self._hopeless(
                 anywhere, nearby, best.samples_per_second):
             return None
-        choice = nearby if self.picks % 2 == 1 and nearby is not None else anywhere
+        step_worth = (nearby is not None and best is not None
+                      and nearby[0] >= _WORTH_A_STEP * best.samples_per_second)
+        choice = nearby if self.picks % 2 == 1 and step_worth else anywhere
         if choice is not None:
             self.picks += 1
             return choice[1]
@@ -147,9 +153,10 @@ class Planner:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _best_predicted(self, pool: Iterable[LoaderConfig],
+    def _best_predicted(self, pool: Iterable[LoaderConfig], *, optimism: float = 0.0,
                         ) -> tuple[float, LoaderConfig] | None:
-        """The open configuration of ``pool`` the model predicts fastest, and its score."""
+        """The open configuration of ``pool`` the model predicts fastest, and its score (the
+        prediction, raised by ``optimism`` times its novelty)."""
         scored: list[tuple[float, LoaderConfig]] = []
         over = [r.config for r in self.state.measured.values() if r.state == "infeasible"]
         for config in pool:
@@ -161,7 +168,8 @@ class Planner:
                 # least the batch size and workers of a configuration over the cap is a risk,
                 # measured only once nothing else looks as good.
                 risky = any(_dominates(config, c, prefetch=False) for c in over)
-                scored.append((prediction.rate * (0.5 if risky else 1.0), config))
+                hope = 1.0 + optimism * self.model.novelty(config) if optimism else 1.0
+                scored.append((prediction.rate * hope * (0.5 if risky else 1.0), config))
         if not scored:
             return None
         # Ties (the model does not tell prefetch factors apart) go to the simpler setting.

@@ -143,6 +143,12 @@ def _default_step(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch
 _COLLATE_HINTS = ("stack expects each tensor to be equal size", "default_collate",
                   "each element in list of batch should be of equal size")
 _END = object()
+_CODES = {"go": 0, "done": 1, "cut": 2, "fault": 3}
+_VERDICTS = {code: name for name, code in _CODES.items()}
+
+
+class PeerFault(Exception):
+    """Another rank of a distributed job could not take its step; this one stopped too."""
 
 
 class _ShortFirstEpoch(Sampler[int]):
@@ -218,6 +224,9 @@ class TrainingProbe(Probe):
         memory_cap: Bytes the process tree may use; ``None`` for no cap.
         gpu_memory_cap: Bytes of GPU memory a trial may allocate; ``None`` for no cap.
         clock: Monotonic clock in seconds.
+        sync: In a distributed job, a vote among the ranks before each step (the largest
+            code wins: go, done, cut, fault), so that all of them take the same steps and DDP's
+            all-reduce never waits on a rank that stopped; see :mod:`autoload.distributed`.
     """
 
     def __init__(
@@ -233,6 +242,7 @@ class TrainingProbe(Probe):
         memory_cap: int | None = None,
         gpu_memory_cap: int | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        sync: Callable[[int], int] | None = None,
     ) -> None:
         self.dataset = dataset
         self.device = device
@@ -246,6 +256,7 @@ class TrainingProbe(Probe):
         self.memory_cap = memory_cap
         self.gpu_memory_cap = gpu_memory_cap
         self.clock = clock
+        self.sync = sync
 
     def measure(self, config: LoaderConfig, window: Window) -> Measurement:
         before = child_pids()
@@ -357,10 +368,10 @@ class TrainingProbe(Probe):
         recorder.start(clock())
         it: Iterator[Any] = iter(loader)
         try:
-            verdict = "go"
-            while verdict == "go":
+            verdict: str = "go"
+            while verdict == "go" or self.sync is not None:
                 begin, cpu = clock(), time.thread_time()
-                batch = next(it, _END)
+                batch, error = self._fetch(it)
                 if batch is _END:  # epochs run back to back; persistent workers stay up
                     if self.device.type == "cuda":  # the epoch ends when its kernels do
                         self._sync()
@@ -368,6 +379,11 @@ class TrainingProbe(Probe):
                     verdict = self._epoch_end(recorder, begin, workers)
                     it = iter(loader)
                     continue
+                if self.sync is not None:
+                    agreed = self._vote(verdict, error)
+                    if agreed != "go":
+                        verdict = "cut" if agreed == "cut" or verdict == "go" else "done"
+                        break
                 got, fetch_cpu = clock(), time.thread_time() - cpu
                 step(batch)
                 done = clock()
@@ -379,9 +395,9 @@ class TrainingProbe(Probe):
                 if not size:
                     size = batch_bytes(batch)
                     workers = child_pids() - before
-                    if window.time_limit is not None:
+                    if window.time_limit is not None and self.sync is None:
                         alarm.soft_in(window.time_limit - (clock() - got))
-            interrupted = False
+            interrupted = verdict == "cut"
         except OutOfTime:
             interrupted = True
         except BaseException as exc:
@@ -399,6 +415,26 @@ class TrainingProbe(Probe):
         # Drop the only references so the workers shut down now.
         del it, loader
         return recorder.timing(interrupted=interrupted), size
+
+    def _fetch(self, it: Iterator[Any]) -> tuple[Any, BaseException | None]:
+        """The next batch (or the epoch's end). In a job a fault is held back for the vote,
+        so that no rank steps (and waits in DDP's all-reduce) while another cannot."""
+        if self.sync is None:
+            return next(it, _END), None
+        try:
+            return next(it, _END), None
+        except Exception as exc:
+            return None, exc
+
+    def _vote(self, verdict: str, error: BaseException | None) -> str:
+        """Every rank's verdict before the step: the window goes on only if all say so."""
+        assert self.sync is not None
+        agreed = _VERDICTS[self.sync(_CODES["fault"] if error else _CODES[verdict])]
+        if error is not None:
+            raise error
+        if agreed == "fault":
+            raise PeerFault("another rank's measurement failed (see its reason)")
+        return agreed
 
     @staticmethod
     def _epoch_end(recorder: Recorder, t: float, workers: set[int]) -> str:
@@ -429,7 +465,12 @@ class TrainingProbe(Probe):
                 step(batch)
             self._sync()
             steps, start = 0, self.clock()
-            while steps < window.min_batches or self.clock() - start < window.seconds:
+            while True:
+                enough = steps >= window.min_batches and self.clock() - start >= window.seconds
+                if self.sync is not None:  # every rank takes the same steps (DDP)
+                    enough = self.sync(_CODES["done" if enough else "go"]) != _CODES["go"]
+                if enough:
+                    break
                 step(batch)
                 steps += 1
             self._sync()

@@ -18,6 +18,15 @@ from autoload.budget import Budget
 from autoload.cache import fingerprint
 from autoload.cache import load as load_cached
 from autoload.cache import store as store_cached
+from autoload.distributed import (
+    Channel,
+    DistributedProbe,
+    current_world,
+    follow,
+    shard,
+    terminate_as_interrupt,
+    world_note,
+)
 from autoload.errors import ConfigError, DatasetError
 from autoload.final import finish
 from autoload.memory import default_memory_cap, parse_size
@@ -27,13 +36,20 @@ from autoload.probe import LossFn, Probe, StepFn, TrainingProbe, Window
 from autoload.result import ProgressCallback, TuneResult
 from autoload.search import (
     SearchState,
+    describe_error,
     load_previous,
     measure_pilot,
     no_feasible_error,
     widen_for_slow_fetches,
 )
 from autoload.sources import Source, lightning_optimizer, lightning_step, resolve
-from autoload.space import AmpChoice, SearchSpace, build_space, cpu_has_native_bf16
+from autoload.space import (
+    AmpChoice,
+    SearchSpace,
+    build_space,
+    cpu_has_native_bf16,
+    usable_cpus,
+)
 
 __all__ = ["best_loader", "tune"]
 
@@ -198,7 +214,8 @@ def tune(
         >>> loader = torch.utils.data.DataLoader(data, **result.loader_kwargs)
     """
     start = clock()
-    source = resolve(dataset)
+    world = current_world()
+    source = shard(resolve(dataset), world)
     _check_arguments(dict(loader_options or {}), timeout=timeout, n_trials=n_trials,
                      model=model, optimizer=optimizer, loss_fn=loss_fn, step=step,
                      n_finalists=n_finalists, final_rounds=final_rounds)
@@ -225,30 +242,51 @@ def tune(
         pin_memory=pin_memory, amp=amp, partial_last_batch=keep_batch_size,
         bf16_supported=torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(),
     )
+    if world is not None:  # the node's CPUs are shared among its ranks
+        space_args["cpus"] = max(1, usable_cpus() // world.local_size)
+        notes.append(world_note(world, space_args["cpus"]))
     space = build_space(n, **space_args)
     notes += _space_notes(space, cuda=cuda, has_model=model is not None, amp=amp)
+    channel = None if world is None else Channel(world)
     parts = None
     if cache and probe is None:  # a probe of the caller's own measures something else
         parts = fingerprint(
             dataset=dataset, model=model, step=step, loss_fn=loss_fn, optimizer=optimizer,
             device=str(resolved), loader_options=loader_options,
             bounds={**space_args, "sharded": sharded, "keep_batch_size": keep_batch_size,
-                    "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap})
-        remembered = load_cached(parts)
+                    "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap},
+            world=None if world is None else world.to_dict())
+        remembered = _remembered(parts, channel)
         if remembered is not None:
             return remembered
     if probe is None:
         probe = _default_probe(dataset, resolved, model=model, loss_fn=loss_fn,
                                optimizer=optimizer, step=step, loader_options=loader_options,
-                               memory_cap=memory_cap, gpu_memory_cap=gpu_memory_cap, clock=clock)
-    result = _search(space, probe, space_args=space_args, n=n, notes=notes,
-                     budget=Budget(timeout, start=start, clock=clock), n_trials=n_trials,
-                     progress=progress, n_finalists=n_finalists, final_rounds=final_rounds,
-                     seed=seed, storage=storage, study_name=study_name, device=str(resolved),
-                     widen=num_workers is None and max_workers is None)
+                               memory_cap=memory_cap, gpu_memory_cap=gpu_memory_cap, clock=clock,
+                               share=1 if world is None else world.local_size,
+                               sync=None if channel is None else channel.vote)
+    if world is not None and channel is not None and not world.leader:
+        with terminate_as_interrupt():
+            return TuneResult.from_json(follow(probe, channel))
+    probe = probe if world is None or channel is None else DistributedProbe(probe, world, channel)
+    with terminate_as_interrupt(world is not None):
+        try:
+            result = _search(space, probe, space_args=space_args, n=n, notes=notes,
+                             budget=Budget(timeout, start=start, clock=clock), n_trials=n_trials,
+                             progress=progress, n_finalists=n_finalists,
+                             final_rounds=final_rounds, seed=seed, storage=storage,
+                             study_name=study_name, device=str(resolved),
+                             widen=num_workers is None and max_workers is None,
+                             ranks=1 if world is None else world.size)
+        except BaseException as exc:
+            if isinstance(probe, DistributedProbe):
+                probe.finish(None, describe_error(exc))
+            raise
     result = replace(result, reference_batch_size=source.batch_size,
                      optimizer=None if model is None else type(probe_optimizer(
                          probe, optimizer)).__name__)
+    if isinstance(probe, DistributedProbe):
+        probe.finish(result.to_json())
     if parts is not None:
         store_cached(parts, result)
     return result
@@ -258,7 +296,7 @@ def _search(space: SearchSpace, probe: Probe, *, space_args: dict[str, Any], n: 
             notes: list[str], budget: Budget, n_trials: int | None,
             progress: ProgressCallback | None, n_finalists: int, final_rounds: int, seed: int,
             storage: str | None, study_name: str | None, device: str,
-            widen: bool) -> TuneResult:
+            widen: bool, ranks: int = 1) -> TuneResult:
     """The study: the pilot, the baselines, the planner's trials, then the final re-measure."""
     seconds = 1.0 if budget.seconds is None else min(5.0, max(0.25, budget.seconds / 60))
     state = SearchState(space, probe, window=Window(seconds=seconds,
@@ -266,7 +304,7 @@ def _search(space: SearchSpace, probe: Probe, *, space_args: dict[str, Any], n: 
                         budget=budget, n_trials=n_trials, progress=progress,
                         n_finalists=n_finalists, final_rounds=final_rounds)
     model = PipelineModel(cores=space.cpus, samples_per_epoch=n,
-                          drop_last=space_args["drop_last"])
+                          drop_last=space_args["drop_last"], ranks=ranks)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -344,15 +382,18 @@ def _default_probe(dataset: Dataset[Any], device: torch.device, *, model: nn.Mod
                    loss_fn: LossFn | None, optimizer: torch.optim.Optimizer | None,
                    step: StepFn | None, loader_options: Mapping[str, Any],
                    memory_cap: int | str | None, gpu_memory_cap: int | str | None,
-                   clock: Callable[[], float]) -> TrainingProbe:
-    host_cap = default_memory_cap() if memory_cap is None else parse_size(memory_cap)
+                   clock: Callable[[], float], share: int = 1,
+                   sync: Callable[[int], int] | None = None) -> TrainingProbe:
+    """The probe; with ``share`` ranks on the node, each holds its share of the node's cap."""
+    host_cap = (default_memory_cap(share=share) if memory_cap is None
+                else parse_size(memory_cap) // share)
     gpu_cap = None
     if device.type == "cuda":
         gpu_cap = (int(0.9 * torch.cuda.get_device_properties(device).total_memory)
                    if gpu_memory_cap is None else parse_size(gpu_memory_cap))
     return TrainingProbe(dataset, device=device, model=model, loss_fn=loss_fn,
                          optimizer=optimizer, step=step, loader_options=loader_options,
-                         memory_cap=host_cap, gpu_memory_cap=gpu_cap, clock=clock)
+                         memory_cap=host_cap, gpu_memory_cap=gpu_cap, clock=clock, sync=sync)
 
 
 def _study(state: SearchState, model: PipelineModel, *, seed: int, storage: str | None,
@@ -367,6 +408,15 @@ def _study(state: SearchState, model: PipelineModel, *, seed: int, storage: str 
         direction="maximize", sampler=PlannedSampler(Planner(state, model), fallback),
         storage=storage, study_name=study_name, load_if_exists=storage is not None,
     )
+
+
+def _remembered(parts: dict[str, Any], channel: Channel | None) -> TuneResult | None:
+    """The cached result, if any; in a job rank 0 decides for all (their caches can differ)."""
+    found = load_cached(parts) if channel is None or channel.world.leader else None
+    if channel is None:
+        return found
+    payload = channel.broadcast(None if found is None else found.to_json())
+    return None if payload is None else TuneResult.from_json(payload)
 
 
 def _enqueue_baselines(study: optuna.Study, state: SearchState, space: SearchSpace) -> None:
@@ -390,7 +440,7 @@ def best_loader(dataset: Any, *, result: TuneResult | None = None,
         >>> data = TensorDataset(torch.randn(256, 4))
         >>> loader = autoload.best_loader(data, timeout=4, max_workers=1)
     """
-    source = resolve(dataset)
+    source = shard(resolve(dataset), current_world())
     loader_options = {**source.loader_options, **dict(kwargs.get("loader_options") or {})}
     if result is None:
         result = tune(source, **kwargs)

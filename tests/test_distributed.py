@@ -1,0 +1,56 @@
+"""Under torchrun: two ranks of one node tuned at once (CPU, gloo, a DDP-wrapped model)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+JOB = Path(__file__).resolve().parent / "ddp_job.py"
+pytestmark = pytest.mark.slow
+
+
+def _torchrun(tmp_path, timeout=240, **env):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(JOB)]
+    environment = {**os.environ, "AUTOLOAD_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1",
+                   **env}
+    began = time.monotonic()
+    proc = subprocess.run(command, env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.monotonic() - began
+
+
+def _leftovers():
+    """Processes of the job still alive (a rank, or a loader worker of one)."""
+    return [p for p in psutil.process_iter(["cmdline"])
+            if str(JOB) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
+
+
+def test_both_ranks_get_one_answer_and_each_reads_its_own_shard_once_an_epoch(tmp_path):
+    proc, _ = _torchrun(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["result"]["config"] == ranks[1]["result"]["config"]
+    assert ranks[0]["result"]["samples_per_second"] == ranks[1]["result"]["samples_per_second"]
+    assert all(r["sampler"] == "DistributedSampler" for r in ranks)
+    for epoch in range(2):
+        shards = [set(r["epochs"][epoch]) for r in ranks]
+        assert all(len(r["epochs"][epoch]) == 96 for r in ranks)  # once each, no repeats
+        assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(192))
+    notes = " ".join(ranks[0]["result"]["notes"])
+    assert "tuned for 2 ranks, 2 on this node" in notes
+    assert max(t["config"]["num_workers"] for t in ranks[0]["result"]["trials"]) <= 4
+
+
+def test_a_rank_that_dies_ends_the_others_cleanly_without_a_hang(tmp_path):
+    proc, seconds = _torchrun(tmp_path, AUTOLOAD_TEST_DIE="1", AUTOLOAD_TEST_TIMEOUT="30")
+    assert proc.returncode != 0
+    assert seconds < 120, "the surviving rank should not wait out a long timeout"
+    assert not (tmp_path / "rank0.json").exists()
+    time.sleep(1)
+    assert not _leftovers()
