@@ -40,8 +40,23 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     """Run this benchmark again as an ``nproc``-rank torchrun job; its exit status."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", script, *argv]
+               f"--nproc_per_node={nproc}", script, *_without_nproc(argv)]
     return subprocess.call(command, env={**os.environ, MARKER: "1"})
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``argv`` less its ``--nproc N``: torchrun's own parser takes ``--nproc`` for an
+    abbreviation of its ``--nproc-per-node``, and the job knows its size from torchrun."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
 
 
 def start() -> Job | None:

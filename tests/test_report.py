@@ -28,6 +28,7 @@ def render(result: TuneResult) -> str:
     console.print(render_report(result))
     text = console.file.getvalue()
     assert "\x1b[" not in text  # plain text, no colour codes
+    assert "…" not in text  # rich cut no header, configuration or number short
     return text
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from autoload.config import LoaderConfig
 from autoload.errors import AutoloadError, TuningFailedError
@@ -45,6 +45,14 @@ def interleaved(items: Sequence[T], round_index: int) -> list[T]:
 def _simplicity(config: LoaderConfig) -> tuple[int, int, bool, bool]:
     return (config.num_workers, config.prefetch_factor or 0, config.pin_memory,
             config.amp is not None)
+
+
+def _preference(record: FinalistRecord, reference: int) -> tuple[Any, ...]:
+    """How tied finalists are ranked: the simplest loader first; between equally simple ones,
+    the batch size nearest the reference (the user's, or the defaults'), which changes their
+    training least; then the faster."""
+    distance = abs(math.log(record.config.batch_size / reference))
+    return (*_simplicity(record.config), round(distance, 6), -record.median)
 
 
 def _median(ms: Sequence[Measurement], name: str = "samples_per_second") -> float:
@@ -235,8 +243,10 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
     records = _records(finalists, measured, model, state)
     top = max(f.median for f in records.values())
     tie = _tie_margin(state, measured, seconds)
+    fastest = max(records.values(), key=lambda f: f.median)
+    reference = state.baselines[0].batch_size if state.baselines else fastest.config.batch_size
     winner = min((f for f in records.values() if f.median >= top * (1 - tie)),
-                 key=lambda f: _simplicity(f.config))
+                 key=lambda f: _preference(f, reference))
     most = max(len(ms) for ms in measured.values())
     behind = sum(1 for ms in measured.values() if len(ms) < most)
     dropped = (f" ({behind} clearly behind after fewer rounds)" if behind else "")
@@ -245,7 +255,7 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
         f"{state.noise.per_second:.1%} from run to run, so search windows lasted "
         f"{state.window.seconds:.2f} s and the finalists ran up to {most} x {seconds:.2f} s"
         f"{dropped}; those within {tie:.1%} of the best counted as tied, and the simplest of "
-        "them won."
+        f"them won (between equally simple ones, the batch size nearest {reference})."
     )
     step_rate = _step_rate(state, winner)
     pilot = state.measured.get(state.baselines[0])

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
 from rich.table import Table
@@ -96,13 +97,18 @@ class _Finalists:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         columns = self._columns()
-        width = {name: max(len(name), *(len(v) for v in values))
-                 for name, values in columns.items()}
         kept = [name for name in columns if name not in self._OPTIONAL]
         for name in self._OPTIONAL:
-            if name in columns and sum(width[k] + 2 for k in [*kept, name]) <= options.max_width:
-                kept.append(name)
-        order = [name for name in columns if name in kept]
+            if name in columns:
+                trial = self._table(columns, [n for n in columns if n in (*kept, name)])
+                # rich's own measure (its box puts a divider between columns beside the
+                # padding), unclamped: Measurement.get never returns more than it is given
+                wide = options.update_width(10 * options.max_width + 1000)
+                if Measurement.get(console, wide, trial).maximum <= options.max_width:
+                    kept.append(name)
+        yield self._table(columns, [name for name in columns if name in kept])
+
+    def _table(self, columns: dict[str, list[str]], order: list[str]) -> Table:
         caption = []
         if "predicted" in order:
             caption.append("predicted: the pipeline model's rate before measuring")
@@ -119,7 +125,7 @@ class _Finalists:
         for i, f in enumerate(self.result.finalists):
             table.add_row(*(columns[name][i] for name in order),
                           style="bold" if f.config == self.result.config else None)
-        yield table
+        return table
 
 
 def _tag(f: FinalistRecord, result: TuneResult) -> str:
