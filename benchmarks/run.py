@@ -109,7 +109,7 @@ def run_tuner(name: str, dataset: Any, model: Any, loss: Any, optimizer: Any,
     try:
         result = autoload.tune(dataset, model=model, loss_fn=loss, optimizer=optimizer,
                                device=settings.device, timeout=settings.tune_timeout, seed=0,
-                               progress=progress)
+                               progress=progress, cache=False)  # measured, never remembered
     except Exception as exc:
         return {"config": None, "error": error_line(exc), "trials": 0,
                 "wall_seconds": time.perf_counter() - began}

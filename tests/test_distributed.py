@@ -52,5 +52,18 @@ def test_a_rank_that_dies_ends_the_others_cleanly_without_a_hang(tmp_path):
     assert proc.returncode != 0
     assert seconds < 120, "the surviving rank should not wait out a long timeout"
     assert not (tmp_path / "rank0.json").exists()
+    said = [line for line in proc.stderr.splitlines() if line.startswith("autoload: rank 0:")]
+    assert len(said) == 1, proc.stderr[-3000:]  # the survivor ends with one line
     time.sleep(1)
     assert not _leftovers()
+
+
+def test_the_ddp_example_trains_with_the_tuned_loader_under_torchrun():
+    example = JOB.parent.parent / "examples" / "ddp_train.py"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(example), "--epochs", "1", "--tune-seconds", "6", "--samples", "512"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "samples/s for the job" in proc.stdout and "epoch 1: train loss" in proc.stdout

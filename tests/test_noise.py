@@ -195,3 +195,14 @@ def test_noise_keeps_a_finalist_it_could_explain_in_the_race(clock):
     result = _tune(clock, probe, batch_size=[64, 256], num_workers=[0, 2], prefetch_factor=4)
     counts = {f.config: len(f.rates) for f in result.finalists}
     assert counts[LARGE_W] == counts[LARGE] >= 3
+
+
+@pytest.mark.parametrize(("edge", "near_wins"), [(0.005, True), (0.04, False)])
+def test_between_equally_simple_ties_the_batch_size_nearest_the_users_wins(clock, edge, near_wins):
+    # The defaults (the user's batch size here, 64) are slow; bs=32 and bs=256 lead, 256 by edge.
+    rates = {LoaderConfig(32): 1000.0, LARGE: 1000.0 * (1 + edge)}
+    probe = Fixed(clock, lambda config: rates.get(config, 500.0))
+    result = _tune(clock, probe, batch_size=[32, 64, 256], num_workers=0)
+    assert {f.config for f in result.finalists} >= set(rates)
+    assert result.config == (LoaderConfig(32) if near_wins else LARGE)
+    assert any("the batch size nearest 64" in note for note in result.notes)

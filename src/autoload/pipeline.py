@@ -141,7 +141,8 @@ class PipelineModel:
         self._fetch_cpu: _Line | None = None
         self._step: _Line | None = None
         self._step_cpu: _Line | None = None
-        self._amp: dict[AmpDtype | None, float] = {None: 1.0}
+        # Autocast's factor on the step, by batch size: (sizes, factors) per dtype.
+        self._amp: dict[AmpDtype, tuple[list[float], list[float]]] = {}
         # Worker CPU per batch beyond fetching in-process, and the main's per batch receiving
         # from a worker: each an overhead and a cost per byte.
         self._worker_extra = (0.0, 0.0)
@@ -150,6 +151,7 @@ class PipelineModel:
         self._epoch_start = 0.0  # an epoch's start without workers
         self._fitted = _Fitted(cores=float(cores), bubble=1.0, round_trip=1e-3)
         self._residuals: list[tuple[np.ndarray, float]] = []
+        self._seen: list[np.ndarray] = []
 
     @property
     def ready(self) -> bool:
@@ -174,9 +176,18 @@ class PipelineModel:
                   if o.costs is not None and o.costs.boundary_seconds is not None]
         self._epoch_start = max(0.0, statistics.median(starts)) if starts else 0.0
         self._fitted = self._fit_free()
-        self._residuals = [(self._features(o.config), math.log(o.rate / fitted))
-                           for o in self.observations if not o.cut_short
-                           and (fitted := self._predict_fitted(o.config)[0]) > 0]
+        self._residuals = self._measured_errors()
+        # Every trial, cut short or not, makes its neighbourhood known: the search's optimism
+        # about unmeasured places must not keep drawing it back to where trials were cut.
+        self._seen = [self._features(o.config) for o in self.observations]
+
+    def _measured_errors(self) -> list[tuple[np.ndarray, float]]:
+        """Each whole measurement's log error against the model, for the correction. A trial
+        cut short read low by construction (it was abandoned early in its window, where an
+        epoch's start weighs most) and corrects nothing."""
+        return [(self._features(o.config), math.log(o.rate / fitted))
+                for o in self.observations
+                if not o.cut_short and (fitted := self._predict_fitted(o.config)[0]) > 0]
 
     def _fit_in_process(self, plain: Sequence[Observation]) -> None:
         def line(get: Callable[[Costs], float]) -> _Line:
@@ -193,11 +204,26 @@ class PipelineModel:
         self._bytes_per_sample = statistics.median(sizes) if sizes else 0.0
 
     def _fit_amp(self, in_process: Sequence[Observation]) -> None:
+        """Autocast's factor on the step at each batch size it was measured at, interpolated
+        in log batch size between them: what lower precision saves grows with the batch here
+        (memory traffic) and on GPUs (tensor cores), so one factor misjudges the far sizes."""
         assert self._step is not None
-        for amp in {o.config.amp for o in in_process} - {None}:
-            ratios = [o.costs.step_seconds / self._step(o.config.batch_size)
-                      for o in in_process if o.config.amp == amp and o.costs is not None]
-            self._amp[amp] = statistics.median(ratios)
+        self._amp = {}
+        for amp in {o.config.amp for o in in_process if o.config.amp is not None}:
+            by_size: dict[int, list[float]] = {}
+            for o in in_process:
+                if o.config.amp == amp and o.costs is not None:
+                    by_size.setdefault(o.config.batch_size, []).append(
+                        o.costs.step_seconds / self._step(o.config.batch_size))
+            sizes = sorted(by_size)
+            self._amp[amp] = ([math.log(s) for s in sizes],
+                              [statistics.median(by_size[s]) for s in sizes])
+
+    def _amp_factor(self, amp: AmpDtype | None, batch_size: int) -> float:
+        if amp is None or amp not in self._amp:
+            return 1.0
+        logs, factors = self._amp[amp]
+        return float(np.interp(math.log(batch_size), logs, factors))
 
     def _fit_workers(self, with_workers: Sequence[Observation]) -> None:
         assert self._fetch_cpu is not None
@@ -259,7 +285,7 @@ class PipelineModel:
         bs, w = config.batch_size, config.num_workers
         epoch = self._epoch_batches(bs)
         per_batch = bs if epoch is None or self.n is None else self.n / epoch
-        amp = self._amp.get(config.amp, 1.0)
+        amp = self._amp_factor(config.amp, bs)
         fetch = self._fetch(bs)
         fetch_cpu = min(fetch, self._fetch_cpu(bs))
         wait = fetch - fetch_cpu
@@ -326,7 +352,7 @@ class PipelineModel:
         (measured around it): ``1 / (1 + the kernel's weights)``."""
         x = self._features(config)
         return 1.0 / (1.0 + sum(math.exp(-0.5 * float(np.sum((x - f) ** 2)))
-                                for f, _ in self._residuals))
+                                for f in self._seen))
 
     def _correction(self, config: LoaderConfig) -> float:
         if not self._residuals:

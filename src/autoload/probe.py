@@ -376,7 +376,7 @@ class TrainingProbe(Probe):
                     if self.device.type == "cuda":  # the epoch ends when its kernels do
                         self._sync()
                         begin = clock()
-                    verdict = self._epoch_end(recorder, begin, workers)
+                    verdict = _epoch_end(recorder, begin, workers)
                     it = iter(loader)
                     continue
                 if self.sync is not None:
@@ -464,15 +464,8 @@ class TrainingProbe(Probe):
             for _ in range(2):  # warm-up: allocator, autocast caches
                 step(batch)
             self._sync()
-            steps, start = 0, self.clock()
-            while True:
-                enough = steps >= window.min_batches and self.clock() - start >= window.seconds
-                if self.sync is not None:  # every rank takes the same steps (DDP)
-                    enough = self.sync(_CODES["done" if enough else "go"]) != _CODES["go"]
-                if enough:
-                    break
-                step(batch)
-                steps += 1
+            start = self.clock()
+            steps = _steps_for(window, lambda: step(batch), self.clock, self.sync)
             self._sync()
             return steps * n / (self.clock() - start)
         finally:
@@ -483,3 +476,32 @@ class TrainingProbe(Probe):
             peak = torch.cuda.max_memory_allocated(self.device)
             if peak > self.gpu_memory_cap:
                 raise MemoryCapExceeded("GPU", peak, self.gpu_memory_cap)
+
+
+def _epoch_end(recorder: Recorder, t: float, workers: set[int]) -> str:
+    """The recorder's verdict at an epoch's end; the workers' CPU clocks start with the
+    measured part of the window."""
+    if recorder.batches_seen == 0:
+        raise DatasetError(
+            "the DataLoader yielded no batch in a whole epoch; check the data set's length "
+            "and the sampler."
+        )
+    measuring = recorder.measuring
+    verdict = recorder.epoch_end(t)
+    if not measuring and recorder.measuring and workers:
+        recorder.worker_cpu = (cpu_seconds(workers), 0.0)
+    return verdict
+
+
+def _steps_for(window: Window, step: Callable[[], None], clock: Callable[[], float],
+               sync: Callable[[int], int] | None) -> int:
+    """Take steps until the window is over; in a job every rank takes the same number (DDP)."""
+    steps, start = 0, clock()
+    while True:
+        enough = steps >= window.min_batches and clock() - start >= window.seconds
+        if sync is not None:
+            enough = sync(_CODES["done" if enough else "go"]) != _CODES["go"]
+        if enough:
+            return steps
+        step()
+        steps += 1

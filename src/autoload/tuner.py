@@ -6,7 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
@@ -21,6 +21,7 @@ from autoload.cache import store as store_cached
 from autoload.distributed import (
     Channel,
     DistributedProbe,
+    World,
     current_world,
     follow,
     shard,
@@ -215,81 +216,116 @@ def tune(
     """
     start = clock()
     world = current_world()
-    source = shard(resolve(dataset), world)
-    _check_arguments(dict(loader_options or {}), timeout=timeout, n_trials=n_trials,
-                     model=model, optimizer=optimizer, loss_fn=loss_fn, step=step,
-                     n_finalists=n_finalists, final_rounds=final_rounds)
-    loader_options = {**source.loader_options, **dict(loader_options or {})}
-    if model is not None and step is None and loss_fn is None:
-        step = lightning_step(model)
-        if step is not None and optimizer is None:
-            optimizer = lightning_optimizer(model)
-    drop_last = drop_last or bool(source.drop_last)
-    batch_size = _kept_batch_size(source, batch_size, keep_batch_size)
-    dataset = source.dataset
-    n = _samples_per_epoch(dataset, loader_options)
-    resolved = _resolve_device(device, model)
+    given = _resolve(dataset, world, model=model, loss_fn=loss_fn, optimizer=optimizer,
+                     step=step, device=device, loader_options=loader_options, timeout=timeout,
+                     n_trials=n_trials, n_finalists=n_finalists, final_rounds=final_rounds)
     notes: list[str] = []
-    if n is None and not sharded and num_workers is None:
+    if given.n is None and not sharded and num_workers is None:
         num_workers = 0
         notes.append("IterableDataset: kept num_workers=0, since each worker would replay the "
                      "whole stream; pass sharded=True (--sharded) if it shards itself.")
-    cuda = resolved.type == "cuda"
+    cuda = given.device.type == "cuda"
     space_args: dict[str, Any] = dict(
-        device_type=resolved.type, has_model=model is not None, batch_size=batch_size,
-        min_batch_size=min_batch_size, max_batch_size=max_batch_size, drop_last=drop_last,
-        num_workers=num_workers, max_workers=max_workers, prefetch_factor=prefetch_factor,
-        pin_memory=pin_memory, amp=amp, partial_last_batch=keep_batch_size,
+        device_type=given.device.type, has_model=model is not None,
+        batch_size=_kept_batch_size(given.source, batch_size, keep_batch_size),
+        min_batch_size=min_batch_size, max_batch_size=max_batch_size,
+        drop_last=drop_last or bool(given.source.drop_last), num_workers=num_workers,
+        max_workers=max_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
+        amp=amp, partial_last_batch=keep_batch_size,
         bf16_supported=torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(),
     )
     if world is not None:  # the node's CPUs are shared among its ranks
         space_args["cpus"] = max(1, usable_cpus() // world.local_size)
         notes.append(world_note(world, space_args["cpus"]))
-    space = build_space(n, **space_args)
+    space = build_space(given.n, **space_args)
     notes += _space_notes(space, cuda=cuda, has_model=model is not None, amp=amp)
     channel = None if world is None else Channel(world)
     parts = None
     if cache and probe is None:  # a probe of the caller's own measures something else
-        parts = fingerprint(
-            dataset=dataset, model=model, step=step, loss_fn=loss_fn, optimizer=optimizer,
-            device=str(resolved), loader_options=loader_options,
-            bounds={**space_args, "sharded": sharded, "keep_batch_size": keep_batch_size,
-                    "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap},
-            world=None if world is None else world.to_dict())
+        parts = _fingerprint(given, model=model, loss_fn=loss_fn, world=world, bounds={
+            **space_args, "sharded": sharded, "keep_batch_size": keep_batch_size,
+            "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap})
         remembered = _remembered(parts, channel)
         if remembered is not None:
             return remembered
     if probe is None:
-        probe = _default_probe(dataset, resolved, model=model, loss_fn=loss_fn,
-                               optimizer=optimizer, step=step, loader_options=loader_options,
-                               memory_cap=memory_cap, gpu_memory_cap=gpu_memory_cap, clock=clock,
+        probe = _default_probe(given.dataset, given.device, model=model, loss_fn=loss_fn,
+                               optimizer=given.optimizer, step=given.step,
+                               loader_options=given.loader_options, memory_cap=memory_cap,
+                               gpu_memory_cap=gpu_memory_cap, clock=clock,
                                share=1 if world is None else world.local_size,
                                sync=None if channel is None else channel.vote)
     if world is not None and channel is not None and not world.leader:
         with terminate_as_interrupt():
             return TuneResult.from_json(follow(probe, channel))
-    probe = probe if world is None or channel is None else DistributedProbe(probe, world, channel)
-    with terminate_as_interrupt(world is not None):
-        try:
-            result = _search(space, probe, space_args=space_args, n=n, notes=notes,
-                             budget=Budget(timeout, start=start, clock=clock), n_trials=n_trials,
-                             progress=progress, n_finalists=n_finalists,
-                             final_rounds=final_rounds, seed=seed, storage=storage,
-                             study_name=study_name, device=str(resolved),
-                             widen=num_workers is None and max_workers is None,
-                             ranks=1 if world is None else world.size)
-        except BaseException as exc:
-            if isinstance(probe, DistributedProbe):
-                probe.finish(None, describe_error(exc))
-            raise
-    result = replace(result, reference_batch_size=source.batch_size,
+    if world is not None and channel is not None:
+        probe = DistributedProbe(probe, world, channel)
+    result = _lead(space, probe, space_args=space_args, n=given.n, notes=notes,
+                   budget=Budget(timeout, start=start, clock=clock), n_trials=n_trials,
+                   progress=progress, n_finalists=n_finalists, final_rounds=final_rounds,
+                   seed=seed, storage=storage, study_name=study_name, device=str(given.device),
+                   widen=num_workers is None and max_workers is None,
+                   ranks=1 if world is None else world.size)
+    result = replace(result, reference_batch_size=given.source.batch_size,
                      optimizer=None if model is None else type(probe_optimizer(
-                         probe, optimizer)).__name__)
+                         probe, given.optimizer)).__name__)
     if isinstance(probe, DistributedProbe):
         probe.finish(result.to_json())
     if parts is not None:
         store_cached(parts, result)
     return result
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Given:
+    """The user's arguments resolved: the data set and loader options they stand for, the step
+    and optimizer (a LightningModule's own when it brings them), the epoch, the device."""
+
+    source: Source
+    dataset: Any
+    loader_options: dict[str, Any]
+    step: StepFn | None
+    optimizer: torch.optim.Optimizer | None
+    n: int | None
+    device: torch.device
+
+
+def _resolve(dataset: Any, world: World | None, *, model: nn.Module | None,
+             loss_fn: LossFn | None, optimizer: torch.optim.Optimizer | None,
+             step: StepFn | None, device: str | torch.device,
+             loader_options: Mapping[str, Any] | None, **limits: Any) -> _Given:
+    source = shard(resolve(dataset), world)
+    _check_arguments(dict(loader_options or {}), model=model, optimizer=optimizer,
+                     loss_fn=loss_fn, step=step, **limits)
+    options = {**source.loader_options, **dict(loader_options or {})}
+    if model is not None and step is None and loss_fn is None:
+        step = lightning_step(model)
+        if step is not None and optimizer is None:
+            optimizer = lightning_optimizer(model)
+    return _Given(source=source, dataset=source.dataset, loader_options=options, step=step,
+                  optimizer=optimizer, n=_samples_per_epoch(source.dataset, options),
+                  device=_resolve_device(device, model))
+
+
+def _fingerprint(given: _Given, *, model: nn.Module | None, loss_fn: LossFn | None,
+                 world: World | None, bounds: dict[str, Any]) -> dict[str, Any]:
+    return fingerprint(dataset=given.dataset, model=model, step=given.step, loss_fn=loss_fn,
+                       optimizer=given.optimizer, device=str(given.device),
+                       loader_options=given.loader_options, bounds=bounds,
+                       world=None if world is None else world.to_dict())
+
+
+def _lead(space: SearchSpace, probe: Probe, **search: Any) -> TuneResult:
+    """The study, alone or as a job's rank 0 (a ``DistributedProbe``: every measurement taken
+    on every rank); a job whose study fails tells the other ranks why before it raises."""
+    job = isinstance(probe, DistributedProbe)
+    with terminate_as_interrupt(job):
+        try:
+            return _search(space, probe, **search)
+        except BaseException as exc:
+            if isinstance(probe, DistributedProbe):
+                probe.finish(None, describe_error(exc))
+            raise
 
 
 def _search(space: SearchSpace, probe: Probe, *, space_args: dict[str, Any], n: int | None,
