@@ -243,8 +243,8 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
     records = _records(finalists, measured, model, state)
     top = max(f.median for f in records.values())
     tie = _tie_margin(state, measured, seconds)
-    fastest = max(records.values(), key=lambda f: f.median)
-    reference = state.baselines[0].batch_size if state.baselines else fastest.config.batch_size
+    reference = (state.baselines[0].batch_size if state.baselines else
+                 max(records.values(), key=lambda f: f.median).config.batch_size)
     winner = min((f for f in records.values() if f.median >= top * (1 - tie)),
                  key=lambda f: _preference(f, reference))
     most = max(len(ms) for ms in measured.values())

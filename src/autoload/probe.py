@@ -436,19 +436,6 @@ class TrainingProbe(Probe):
             raise PeerFault("another rank's measurement failed (see its reason)")
         return agreed
 
-    @staticmethod
-    def _epoch_end(recorder: Recorder, t: float, workers: set[int]) -> str:
-        if recorder.batches_seen == 0:
-            raise DatasetError(
-                "the DataLoader yielded no batch in a whole epoch; check the data set's length "
-                "and the sampler."
-            )
-        measuring = recorder.measuring
-        verdict = recorder.epoch_end(t)
-        if not measuring and recorder.measuring and workers:
-            recorder.worker_cpu = (cpu_seconds(workers), 0.0)
-        return verdict
-
     def step_rate(self, config: LoaderConfig, window: Window) -> float | None:
         if self.model is None:
             return None

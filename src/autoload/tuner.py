@@ -249,7 +249,7 @@ def tune(
         if remembered is not None:
             return remembered
     if probe is None:
-        probe = _default_probe(given.dataset, given.device, model=model, loss_fn=loss_fn,
+        probe = _default_probe(given.source.dataset, given.device, model=model, loss_fn=loss_fn,
                                optimizer=given.optimizer, step=given.step,
                                loader_options=given.loader_options, memory_cap=memory_cap,
                                gpu_memory_cap=gpu_memory_cap, clock=clock,
@@ -282,7 +282,6 @@ class _Given:
     and optimizer (a LightningModule's own when it brings them), the epoch, the device."""
 
     source: Source
-    dataset: Any
     loader_options: dict[str, Any]
     step: StepFn | None
     optimizer: torch.optim.Optimizer | None
@@ -302,14 +301,14 @@ def _resolve(dataset: Any, world: World | None, *, model: nn.Module | None,
         step = lightning_step(model)
         if step is not None and optimizer is None:
             optimizer = lightning_optimizer(model)
-    return _Given(source=source, dataset=source.dataset, loader_options=options, step=step,
+    return _Given(source=source, loader_options=options, step=step,
                   optimizer=optimizer, n=_samples_per_epoch(source.dataset, options),
                   device=_resolve_device(device, model))
 
 
 def _fingerprint(given: _Given, *, model: nn.Module | None, loss_fn: LossFn | None,
                  world: World | None, bounds: dict[str, Any]) -> dict[str, Any]:
-    return fingerprint(dataset=given.dataset, model=model, step=given.step, loss_fn=loss_fn,
+    return fingerprint(dataset=given.source.dataset, model=model, step=given.step, loss_fn=loss_fn,
                        optimizer=given.optimizer, device=str(given.device),
                        loader_options=given.loader_options, bounds=bounds,
                        world=None if world is None else world.to_dict())
