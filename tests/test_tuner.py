@@ -205,17 +205,34 @@ def test_first_trials_calibrate_batch_sizes_without_workers(clock):
     assert configs[2:4] == [LoaderConfig(16), LoaderConfig(256)]
 
 
-@pytest.mark.parametrize(("peak", "swept"), [(64, [16, 256]), (16, [16, 256, 8]),
-                                             (512, [16, 256, 512])])
-def test_batch_sweep_steps_4x_in_the_direction_that_wins(clock, peak, swept):
+@pytest.mark.parametrize(("peak", "swept", "halved"), [(64, [16, 256], {32, 128}),
+                                                       (16, [16, 256, 8], {32}),
+                                                       (512, [16, 256, 512], set())])
+def test_batch_sweep_steps_4x_in_the_direction_that_wins_then_halves_the_bracket(
+        clock, peak, swept, halved):
     def rate(config):  # one peak in batch size; workers only cost
         return 1000 / (1 + abs(math.log2(config.batch_size / peak))) / (1 + config.num_workers)
 
     result = _tune(clock, SurfaceProbe(clock, rate, noise=0.001), num_workers=[0, 1])
     configs = [t.config for t in result.trials]
     assert configs[2:2 + len(swept)] == [LoaderConfig(b, num_workers=0) for b in swept]
-    assert configs[2 + len(swept)].num_workers == 1  # then the worker sweep
+    # Then 2x either side of the best, where the sweep left a 4x gap.
+    halves = configs[2 + len(swept):2 + len(swept) + len(halved)]
+    assert {c.batch_size for c in halves} == halved and all(c.num_workers == 0 for c in halves)
+    assert configs[2 + len(swept) + len(halved)].num_workers == 1  # then the worker sweep
     assert result.config == LoaderConfig(peak, num_workers=0)
+
+
+def test_batch_sweep_finds_a_peak_just_before_a_cliff(clock):
+    # The step's cost per sample triples once the batch outgrows a cache: 64 and 256 (the 4x
+    # sweep) both read well below 128, and no interpolation between them points there.
+    probe = PipelineProbe(clock, cpu=2e-5, step_per_sample=1e-4, handoff=1e-3, cliff=128)
+    result = autoload.tune(TensorDataset(torch.zeros(probe.n, 2)), probe=probe, clock=clock,
+                           timeout=60)
+    space = build_space(probe.n, device_type="cpu", has_model=True, cpus=2, max_workers=8)
+    best = max(space.configs(), key=probe.rate)
+    assert best.batch_size == 128 and result.config.batch_size == 128
+    assert probe.rate(result.config) >= 0.97 * probe.rate(best), (result.config, best)
 
 
 # Simulated pipelines (conftest.PipelineProbe), each with a different winner. Their true rates

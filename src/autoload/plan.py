@@ -4,7 +4,8 @@ measures the promising ones, and an Optuna sampler that asks it.
 The plan, trial by trial:
 
 1. Calibrate without workers (no start-up to pay): batch sizes 4x either side of the defaults',
-   going on by 4x in the direction that wins until the best is bracketed. These windows give
+   going on by 4x in the direction that wins until the best is bracketed, then 2x either side
+   of the best (a rate can fall off a cliff between sizes 4x apart). These windows give
    the model its per-item fetch cost (CPU and waiting) and the step's cost at several batch
    sizes; the recipe, measured as a baseline, gives the workers' costs.
 2. Then, alternately, the configuration the model predicts fastest of all that are not measured
@@ -39,6 +40,7 @@ from autoload.search import SearchState
 __all__ = ["PlannedSampler", "Planner"]
 
 _BATCH_STEP = 4  # the calibration sweep steps by this factor
+_FINEST = 2.5  # and halves a step to the best's side while it spans more than this factor
 _PICKS_BEFORE_OPTIONS = 2
 # The search has found what it can once, after this many of the model's picks, nothing open
 # is predicted within these shares of the best measured rate: anywhere (the model's trends
@@ -81,8 +83,8 @@ class Planner:
 
     def _batch_sweep(self) -> LoaderConfig | None:
         """Batch sizes 4x either side of the defaults', then on by 4x in the direction that won
-        until the best is bracketed: a big batch costs a long step, so only go there when the
-        trend says so."""
+        until the best is bracketed (a big batch costs a long step, so only go there when the
+        trend says so), then halfway to each side of the best."""
         if not self.state.baselines:
             return None
         space, ref = self.state.space, self.state.baselines[0]
@@ -102,8 +104,8 @@ class Planner:
         elif best == tried[0]:
             targets = [best / _BATCH_STEP]
         else:
-            return None  # bracketed
-        for target in targets:
+            targets = []  # bracketed
+        for target in [*targets, *_halfway(tried, rates, best)]:
             config = dataclasses.replace(ref, batch_size=_nearest(space.batch_sizes, target))
             if self._open(config):
                 return config
@@ -224,6 +226,17 @@ def _dominates(config: LoaderConfig, faulted: LoaderConfig, *, prefetch: bool = 
 
 def _complexity(config: LoaderConfig) -> tuple[int, int]:
     return abs((config.prefetch_factor or 2) - 2), config.num_workers
+
+
+def _halfway(tried: Sequence[int], rates: dict[int, float], best: int) -> list[float]:
+    """The batch sizes halfway (in log) from ``best`` to each tried neighbour more than 2x away,
+    the faster neighbour's side first. A rate is not smooth in batch size: it can fall off a
+    cliff between two sizes 4x apart (the batch outgrowing a cache), and the peak then sits just
+    before the cliff, where no interpolation of the two would put it."""
+    i = tried.index(best)
+    sides = [tried[j] for j in (i - 1, i + 1)
+             if 0 <= j < len(tried) and max(tried[j], best) / min(tried[j], best) > _FINEST]
+    return [math.sqrt(best * s) for s in sorted(sides, key=rates.__getitem__, reverse=True)]
 
 
 def _nearest(sizes: Sequence[int], target: float) -> int:
