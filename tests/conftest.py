@@ -104,7 +104,9 @@ class PipelineProbe(Probe):
     The true rate is not the tuner's own model: bounds combine as a hard minimum, the workers
     stretch by the cores they share, ``prefetch_factor=1`` loses a tenth, and every epoch
     starts with one worker-batch of bubble plus a round trip per worker; above a ``cliff`` batch
-    size the step costs three times as much. Measurements report
+    size the step costs three times as much, and without workers ``solo_step`` times as much at
+    a batch of 64, in proportion to the batch (beside fetches that sleep, a step can run
+    several times slower, the more so the longer they sleep). Measurements report
     the costs a real probe would, so the planner's model has something to learn from.
     """
 
@@ -112,8 +114,9 @@ class PipelineProbe(Probe):
                  wait: float = 0.0, step_fixed: float = 2e-4, step_per_sample: float = 5e-6,
                  handoff: float = 3e-4, worker_fixed: float = 2e-4, cores: int = 2,
                  noise: float = 0.01, seed: int = 0, overhead: float = 0.2,
-                 cliff: int | None = None) -> None:
+                 cliff: int | None = None, solo_step: float = 0.0) -> None:
         self.clock, self.n, self.cpu, self.wait, self.cliff = clock, n, cpu, wait, cliff
+        self.solo_step = solo_step
         self.step_fixed, self.step_per_sample = step_fixed, step_per_sample
         self.handoff, self.worker_fixed, self.cores = handoff, worker_fixed, cores
         self.noise, self.overhead = noise, overhead
@@ -125,6 +128,8 @@ class PipelineProbe(Probe):
         step = self.step_fixed + self.step_per_sample * bs
         if self.cliff is not None and bs > self.cliff:  # the batch outgrows a cache
             step *= 3
+        if w == 0:
+            step *= max(1.0, self.solo_step * bs / 64)
         fetch_cpu, fetch_wait = bs * self.cpu + 5e-5, bs * self.wait
         epoch = math.ceil(self.n / bs)
         if w == 0:

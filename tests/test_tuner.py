@@ -285,3 +285,16 @@ def test_a_region_over_the_memory_cap_is_not_proposed_again(clock):
     bad = [t for t in result.trials if t.state == "infeasible"]
     assert bad and len(bad) <= 6
     assert result.config.num_workers < 4 or result.config.batch_size < 16
+
+
+def test_the_search_climbs_in_batch_size_where_the_model_errs(clock):
+    # Without workers the step runs slower than beside them, the more so the larger the batch
+    # (it follows fetches that sleep): a model that learned the step there thinks large
+    # batches with workers are step-bound. Measured, doubling the batch pays; the search
+    # must climb there all the same.
+    probe = PipelineProbe(clock, wait=6e-4, step_per_sample=1e-4, handoff=1e-3, solo_step=4.0)
+    result = autoload.tune(TensorDataset(torch.zeros(probe.n, 2)), probe=probe, clock=clock,
+                           timeout=60)
+    space = build_space(probe.n, device_type="cpu", has_model=True, cpus=2, max_workers=8)
+    best = max(space.configs(), key=probe.rate)
+    assert probe.rate(result.config) >= 0.97 * probe.rate(best), (result.config, best)

@@ -11,8 +11,9 @@ The plan, trial by trial:
 2. Then, alternately, the configuration the model predicts fastest of all that are not measured
    yet, and the one it predicts fastest among the neighbours of the best measured so far (one
    step in batch size, workers and prefetch, together): the first follows the model where it
-   is right, the second climbs from what was measured where it is not. Every measurement
-   refits the model.
+   is right, the second climbs from what was measured where it is not (and where the model
+   sees no neighbour worth it, to twice and half the best's batch size all the same). Every
+   measurement refits the model.
 3. Once the model has spoken twice, autocast and ``pin_memory`` are tried on the best so far:
    what they do to the step is not in the costs until measured.
 
@@ -136,12 +137,15 @@ class Planner:
         best = self.state.best()
         anywhere = self._best_predicted(self.state.space.configs(), optimism=_OPTIMISM)
         nearby = None if best is None else self._best_predicted(self._neighbours(best.config))
-        if best is not None and self.picks >= _MIN_PICKS and self._hopeless(
+        climb = None if best is None else self._best_predicted(self._doubled(best.config))
+        if best is not None and climb is None and self.picks >= _MIN_PICKS and self._hopeless(
                 anywhere, nearby, best.samples_per_second):
             return None
         step_worth = (nearby is not None and best is not None
                       and nearby[0] >= _WORTH_A_STEP * best.samples_per_second)
-        choice = nearby if self.picks % 2 == 1 and step_worth else anywhere
+        choice = anywhere
+        if self.picks % 2 == 1:
+            choice = nearby if step_worth else climb or anywhere
         if choice is not None:
             self.picks += 1
             return choice[1]
@@ -197,6 +201,18 @@ class Planner:
                     found.append(dataclasses.replace(config, batch_size=bs, num_workers=w,
                                                      prefetch_factor=pf))
         return [c for c in found if c != config]
+
+    def _doubled(self, config: LoaderConfig) -> list[LoaderConfig]:
+        """Twice and half the batch size, the rest kept: the climb the model is not asked
+        about. Where the model errs (it learned the step without workers, and a step can cost
+        several times more or less beside them), the best measured point's neighbours in the
+        strongest lever are measured all the same, so that the answer is at least a local
+        best in batch size. Not towards a configuration over the memory cap, though."""
+        sizes = self.state.space.batch_sizes
+        over = [r.config for r in self.state.measured.values() if r.state == "infeasible"]
+        doubled = [dataclasses.replace(config, batch_size=_nearest(sizes, config.batch_size * f))
+                   for f in (2.0, 0.5)]
+        return [c for c in doubled if not any(_dominates(c, o, prefetch=False) for o in over)]
 
     def _open(self, config: LoaderConfig) -> bool:
         """Not measured yet, in the space, and outside every region that faulted."""
