@@ -24,6 +24,15 @@ def _tune(clock, probe, **kwargs):
     return autoload.tune(DATA, probe=probe, clock=clock, **kwargs)
 
 
+def _tune_simulated(clock, probe):
+    """Tune the simulated pipeline of ``probe``; the result, the space, and the space's best
+    by the pipeline's true rate."""
+    result = autoload.tune(TensorDataset(torch.zeros(probe.n, 2)), probe=probe, clock=clock,
+                           timeout=60)
+    space = build_space(probe.n, device_type="cpu", has_model=False, cpus=2, max_workers=8)
+    return result, space, max(space.configs(), key=probe.rate)
+
+
 def _grid_best(space):
     best = 0.0
     for bs, w, pf, amp in itertools.product(space.batch_sizes, space.worker_counts,
@@ -227,10 +236,7 @@ def test_batch_sweep_finds_a_peak_just_before_a_cliff(clock):
     # The step's cost per sample triples once the batch outgrows a cache: 64 and 256 (the 4x
     # sweep) both read well below 128, and no interpolation between them points there.
     probe = PipelineProbe(clock, cpu=2e-5, step_per_sample=1e-4, handoff=1e-3, cliff=128)
-    result = autoload.tune(TensorDataset(torch.zeros(probe.n, 2)), probe=probe, clock=clock,
-                           timeout=60)
-    space = build_space(probe.n, device_type="cpu", has_model=True, cpus=2, max_workers=8)
-    best = max(space.configs(), key=probe.rate)
+    result, _, best = _tune_simulated(clock, probe)
     assert best.batch_size == 128 and result.config.batch_size == 128
     assert probe.rate(result.config) >= 0.97 * probe.rate(best), (result.config, best)
 
@@ -249,10 +255,7 @@ PIPELINES = {
 @pytest.mark.parametrize("name", PIPELINES)
 def test_the_planner_finds_the_best_of_a_simulated_pipeline(clock, name):
     probe = PipelineProbe(clock, **PIPELINES[name])
-    data = TensorDataset(torch.zeros(probe.n, 2))
-    result = autoload.tune(data, probe=probe, clock=clock, timeout=60)
-    space = build_space(probe.n, device_type="cpu", has_model=False, cpus=2, max_workers=8)
-    best = max(space.configs(), key=probe.rate)
+    result, space, best = _tune_simulated(clock, probe)
     assert probe.rate(result.config) >= 0.97 * probe.rate(best), (result.config, best)
     assert len(set(probe.calls)) < space.size / 4  # a small part of the space
 
@@ -293,8 +296,5 @@ def test_the_search_climbs_in_batch_size_where_the_model_errs(clock):
     # batches with workers are step-bound. Measured, doubling the batch pays; the search
     # must climb there all the same.
     probe = PipelineProbe(clock, wait=6e-4, step_per_sample=1e-4, handoff=1e-3, solo_step=4.0)
-    result = autoload.tune(TensorDataset(torch.zeros(probe.n, 2)), probe=probe, clock=clock,
-                           timeout=60)
-    space = build_space(probe.n, device_type="cpu", has_model=True, cpus=2, max_workers=8)
-    best = max(space.configs(), key=probe.rate)
+    result, _, best = _tune_simulated(clock, probe)
     assert probe.rate(result.config) >= 0.97 * probe.rate(best), (result.config, best)

@@ -164,7 +164,7 @@ class Planner:
         """The open configuration of ``pool`` the model predicts fastest, and its score (the
         prediction, raised by ``optimism`` times its novelty)."""
         scored: list[tuple[float, LoaderConfig]] = []
-        over = [r.config for r in self.state.measured.values() if r.state == "infeasible"]
+        over = self._over_cap()
         for config in pool:
             if not self._open(config):
                 continue
@@ -208,11 +208,13 @@ class Planner:
         several times more or less beside them), the best measured point's neighbours in the
         strongest lever are measured all the same, so that the answer is at least a local
         best in batch size. Not towards a configuration over the memory cap, though."""
-        sizes = self.state.space.batch_sizes
-        over = [r.config for r in self.state.measured.values() if r.state == "infeasible"]
+        sizes, over = self.state.space.batch_sizes, self._over_cap()
         doubled = [dataclasses.replace(config, batch_size=_nearest(sizes, config.batch_size * f))
                    for f in (2.0, 0.5)]
         return [c for c in doubled if not any(_dominates(c, o, prefetch=False) for o in over)]
+
+    def _over_cap(self) -> list[LoaderConfig]:
+        return [r.config for r in self.state.measured.values() if r.state == "infeasible"]
 
     def _open(self, config: LoaderConfig) -> bool:
         """Not measured yet, in the space, and outside every region that faulted."""
