@@ -204,3 +204,30 @@ def test_window_cv_from_block_rates():
     sd = (sum((r - mean) ** 2 for r in rates) / 7) ** 0.5
     assert window_cv(0.0, marks) == pytest.approx(sd / mean / 8 ** 0.5)
     assert window_cv(0.0, steady[:3]) is None  # too few batches to tell
+
+
+def test_the_first_round_of_the_workers_is_not_judged_before_it_is_in():
+    # Four workers start side by side after the boundary and deliver their first round
+    # together, 1.1-1.25 s in (a third of the window is 1 s); then a batch every 0.3 s: about
+    # 33 samples/s. Two batches in, the rate so far is 17/s, under the bar of 25; the round
+    # as it will be is not.
+    line = Timeline(Shape(batch_size=10, workers=4, in_flight=8, epoch_batches=1000,
+                          warmup_batches=4), Window(seconds=3.0, abandon_below=25.0), step=0.0)
+    _warm_up(line, batches=4)
+    t0 = line.t
+    for k in range(4):
+        line.batch(t0 + 1.1 + 0.05 * k)
+    while line.batch(line.t + 0.3) == "go":
+        pass
+    assert "cut" not in line.verdicts
+    assert line.rec.timing().samples_per_second == pytest.approx(33.0, rel=0.1)
+
+
+def test_a_first_round_of_the_workers_that_comes_in_slow_is_abandoned():
+    line = Timeline(Shape(batch_size=10, workers=4, in_flight=8, epoch_batches=1000,
+                          warmup_batches=4), Window(seconds=3.0, abandon_below=25.0), step=0.0)
+    _warm_up(line, batches=4)
+    t0 = line.t
+    line.batch(t0 + 1.8)
+    # Two batches in, 1.85 s: even if the other two came now, the round would read 22/s.
+    assert line.batch(t0 + 1.85) == "cut"
