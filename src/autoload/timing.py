@@ -396,29 +396,35 @@ class Recorder:
         )
 
     def _costs(self, rate: float) -> Costs | None:
-        """Per-batch means over the steady span of the first measured epoch; the epoch's cost
-        beyond its steady batches is what the rate says an epoch takes, less its paces."""
+        """Per-batch means over the steady span of the first measured epoch."""
         span, pace = self._late_span(), self._pace()
         if span is None or pace is None or self._origin is None:
             return None
-        b, o, (i, j) = self._b, self._origin, span
         workers = None
         if self.worker_cpu is not None and self.shape.workers > 0:  # read at origin and end
             workers = (self.worker_cpu[1] - self.worker_cpu[0]) / max(1, self._m())
-        cpu_before = b.main_cpu[o + i - 1] if o + i > 0 else b.main_cpu[o]
-        epoch, boundary = self.shape.epoch_batches, None
+        boundary, epoch = None, self.shape.epoch_batches
         if epoch is not None and rate > 0:
             per_batch = self._samples(0, self._m()) / self._m()
             boundary = epoch * per_batch / rate - epoch * pace
-        late = range(o + i, o + j)
-        return Costs(
-            batch_seconds=pace,
-            fetch_seconds=statistics.fmean(b.got[k] - b.begin[k] for k in late),
-            fetch_cpu_seconds=statistics.fmean(b.fetch_cpu[k] for k in late),
-            step_seconds=statistics.fmean(b.done[k] - b.got[k] for k in late),
-            main_cpu_seconds=(b.main_cpu[o + j - 1] - cpu_before) / (j - i),
-            worker_cpu_seconds=workers, boundary_seconds=boundary,
-        )
+        return _span_costs(self._b, range(self._origin + span[0], self._origin + span[1]),
+                           pace=pace, worker_cpu=workers, boundary=boundary)
+
+
+def _span_costs(b: _Columns, late: range, *, pace: float, worker_cpu: float | None,
+                boundary: float | None) -> Costs:
+    """The costs of one batch, as means over the batches ``late``. ``boundary`` is the epoch's
+    cost beyond its steady batches: what the rate says an epoch takes, less its paces."""
+    first = late.start
+    cpu_before = b.main_cpu[first - 1] if first > 0 else b.main_cpu[first]
+    return Costs(
+        batch_seconds=pace,
+        fetch_seconds=statistics.fmean(b.got[k] - b.begin[k] for k in late),
+        fetch_cpu_seconds=statistics.fmean(b.fetch_cpu[k] for k in late),
+        step_seconds=statistics.fmean(b.done[k] - b.got[k] for k in late),
+        main_cpu_seconds=(b.main_cpu[late.stop - 1] - cpu_before) / len(late),
+        worker_cpu_seconds=worker_cpu, boundary_seconds=boundary,
+    )
 
 
 def _warmup_timing(b: _Columns, *, start: float, now: float, workers: int,
