@@ -223,11 +223,32 @@ def test_the_first_round_of_the_workers_is_not_judged_before_it_is_in():
     assert line.rec.timing().samples_per_second == pytest.approx(33.0, rel=0.1)
 
 
-def test_a_first_round_of_the_workers_that_comes_in_slow_is_abandoned():
+def test_a_first_round_of_the_workers_still_out_after_a_whole_window_is_abandoned():
     line = Timeline(Shape(batch_size=10, workers=4, in_flight=8, epoch_batches=1000,
                           warmup_batches=4), Window(seconds=3.0, abandon_below=25.0), step=0.0)
     _warm_up(line, batches=4)
     t0 = line.t
     line.batch(t0 + 1.8)
-    # Two batches in, 1.85 s: even if the other two came now, the round would read 22/s.
-    assert line.batch(t0 + 1.85) == "cut"
+    # Two batches in at 1.85 s, under a whole window: the epoch's start alone says little.
+    assert line.batch(t0 + 1.85) == "go"
+    # A third at 3.1 s, past a whole window: even if the last came now, the round would read
+    # 13/s, under the bar of 25.
+    assert line.batch(t0 + 3.1) == "cut"
+
+
+def test_a_late_first_round_is_not_judged_while_the_rounds_after_it_are_fast():
+    # Three workers, an epoch of 60 batches of 365: the first round after the boundary comes
+    # in together at 0.3 s (the bubble), then a batch every 0.045 s. The rate so far reads
+    # 3.6k/s when the round is in, under the bar of 6k; the epoch runs about 8k/s.
+    line = Timeline(Shape(batch_size=365, workers=3, in_flight=24, epoch_batches=60,
+                          warmup_batches=3), Window(seconds=0.5, abandon_below=6000.0),
+                    step=0.0)
+    _warm_up(line, batches=3)
+    t0 = line.t
+    for _ in range(3):
+        line.batch(t0 + 0.3)
+    while line.batch(line.t + 0.045) == "go":
+        pass
+    assert "cut" not in line.verdicts
+    epoch = 60 * 365 / (0.3 + 57 * 0.045)
+    assert line.rec.timing().samples_per_second == pytest.approx(epoch, rel=0.03)

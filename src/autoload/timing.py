@@ -288,19 +288,26 @@ class Recorder:
         return "go"
 
     def _hopeful_rate(self) -> float:
-        """What the rate so far promises at best, to judge a window hopeless by: the rate, but
-        within the first round of the workers after the boundary, the round's missing batches
-        counted as if they arrived now. The workers start that round side by side on shared
-        cores and deliver it together, late: judged before it is in, a configuration with many
-        workers and slow items reads as the bubble alone (on a random case, items of 1.4 ms,
-        five workers at bs=100 were cut at 372/s; the grid measured four at bs=120 over a whole
-        window at 906/s). A later round is no faster than the first for workers that share the
-        cores, so a round that comes in slow stays slow."""
-        m, r = self._m(), self.shape.workers
-        if self._ends or m >= r:
+        """What the window promises at best, to judge it hopeless by: the epoch's rate, once
+        it is known (whole epochs, or the epoch projected from its head and a steady pace).
+
+        Before the pace is known the epoch's start is all there is to judge, and it says
+        little: the workers begin the first round after the boundary side by side, and the
+        loader waits on a round trip to each, so that round comes in late and together, far
+        slower than the rounds after it (on a random case, 3 workers at bs=365: 220-300 ms for
+        the first round, 40-60 ms a batch after it; judged on the first round it read 3-4.5k/s
+        and was cut, where it ran 6.5-7.4k/s). So a window is judged on its start alone only
+        once a whole window has passed without a steady pace: then the first round's missing
+        batches count as if they arrived now (a round that has not come in by then is slow)."""
+        if self._ends or self._settled():
             return self._rate()
         elapsed = self._now - self._origin_time
-        return r * self._samples(0, m) / m / elapsed if elapsed > 0 else math.inf
+        m, r = self._m(), self.shape.workers
+        if elapsed < self.window.seconds:
+            return math.inf
+        if m >= r:
+            return self._rate()
+        return r * self._samples(0, m) / m / elapsed
 
     def _far_from_end(self) -> bool:
         """Whether the current epoch ends too late to wait for (then the window stops now)."""
