@@ -298,3 +298,15 @@ def test_the_search_climbs_in_batch_size_where_the_model_errs(clock):
     probe = PipelineProbe(clock, wait=6e-4, step_per_sample=1e-4, handoff=1e-3, solo_step=4.0)
     result, _, best = _tune_simulated(clock, probe)
     assert probe.rate(result.config) >= 0.97 * probe.rate(best), (result.config, best)
+
+
+def test_prefetch_factors_that_all_request_the_whole_epoch_are_measured_once(clock):
+    # 512 items: at bs=128 an epoch is 4 batches, so 2 workers with prefetch 2, 4 or 8 run the
+    # same loader (every batch requested at the epoch's start); one window is enough.
+    probe = PipelineProbe(clock, **PIPELINES["few batches an epoch: the bubble"])
+    result, space, _ = _tune_simulated(clock, probe)
+    epoch = {bs: -(-probe.n // bs) for bs in space.batch_sizes}
+    whole = [t.config for t in result.trials if t.config.num_workers
+             and t.config.num_workers * t.config.prefetch_factor >= epoch[t.config.batch_size]]
+    same = {(c.batch_size, c.num_workers, c.amp, c.pin_memory) for c in whole}
+    assert whole and len(same) == len(whole), whole
