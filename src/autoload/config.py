@@ -6,12 +6,23 @@ from collections.abc import Mapping
 from dataclasses import KW_ONLY, asdict, dataclass
 from typing import Any, Literal
 
-__all__ = ["AmpDtype", "LoaderConfig"]
+__all__ = ["AmpDtype", "LoaderConfig", "batches_per_epoch"]
 
 # DataLoader arguments torch accepts only with worker processes.
 WORKER_ONLY = ("multiprocessing_context", "prefetch_factor", "persistent_workers", "timeout")
 
 AmpDtype = Literal["bfloat16", "float16"]
+
+
+def batches_per_epoch(samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches a DataLoader makes of ``samples`` in one epoch (the last one partial, unless
+    dropped).
+
+    Example:
+        >>> batches_per_epoch(10, 4, drop_last=False), batches_per_epoch(10, 4, drop_last=True)
+        (3, 2)
+    """
+    return samples // batch_size if drop_last else -(-samples // batch_size)
 
 
 @dataclass(frozen=True, order=True)

@@ -35,7 +35,7 @@ from typing import Literal
 
 import numpy as np
 
-from autoload.config import AmpDtype, LoaderConfig
+from autoload.config import AmpDtype, LoaderConfig, batches_per_epoch
 from autoload.timing import Costs
 
 __all__ = ["Bound", "Observation", "PipelineModel", "Prediction"]
@@ -275,7 +275,7 @@ class PipelineModel:
     def _epoch_batches(self, batch_size: int) -> int | None:
         if self.n is None:
             return None
-        return self.n // batch_size if self.drop_last else -(-self.n // batch_size)
+        return batches_per_epoch(self.n, batch_size, self.drop_last)
 
     def _predict_fitted(self, config: LoaderConfig,
                         fitted: _Fitted | None = None) -> tuple[float, Bound]:

@@ -29,7 +29,7 @@ from torch.utils.data import (
 )
 
 from autoload.alarm import Alarm, OutOfTime, TrialTimeout
-from autoload.config import LoaderConfig
+from autoload.config import LoaderConfig, batches_per_epoch
 from autoload.errors import AutoloadError, DatasetError
 from autoload.memory import (
     MemoryCapExceeded,
@@ -334,7 +334,7 @@ class TrainingProbe(Probe):
             else:
                 kwargs.pop("shuffle", None)
             n = len(sampler)
-            epoch = n // config.batch_size if config.drop_last else -(-n // config.batch_size)
+            epoch = batches_per_epoch(n, config.batch_size, config.drop_last)
             if epoch > warmup + 1:  # else the first epoch is short enough as it is
                 sampler = _ShortFirstEpoch(sampler, warmup * config.batch_size)
             kwargs["sampler"] = sampler
