@@ -103,7 +103,8 @@ class PipelineProbe(Probe):
 
     The true rate is not the tuner's own model: bounds combine as a hard minimum, the workers
     stretch by the cores they share, ``prefetch_factor=1`` loses a tenth, and every epoch
-    starts with one worker-batch of bubble plus a round trip per worker; above a ``cliff`` batch
+    starts with one worker-batch of bubble plus a round trip per worker (an epoch that one
+    round of the workers makes is that start and one step per batch); above a ``cliff`` batch
     size the step costs three times as much, and without workers ``solo_step`` times as much at
     a batch of 64, in proportion to the batch (beside fetches that sleep, a step can run
     several times slower, the more so the longer they sleep). Measurements report
@@ -153,14 +154,18 @@ class PipelineProbe(Probe):
 
     def rate(self, config: LoaderConfig) -> float:
         p = self.parts(config)
-        return self.n / (p["epoch"] * p["per_batch"] + p["start"])
+        seconds = p["epoch"] * p["per_batch"] + p["start"]
+        if p["epoch"] <= config.num_workers:
+            seconds = max(p["epoch"] * p["per_batch"],
+                          p["start"] + p["epoch"] * (p["step"] + p["receive"]))
+        return self.n / seconds
 
     def measure(self, config: LoaderConfig, window: Window) -> Measurement:
         from autoload import Costs
 
         self.calls.append(config)
-        self.clock.now += window.seconds + self.overhead + 0.05 * config.num_workers
         p = self.parts(config)
+        self.clock.now += window.seconds + self.overhead + 0.05 * config.num_workers + p["start"]
         rate = self.rate(config) * (1 + self.rng.normal(0, self.noise))
         costs = Costs(
             batch_seconds=p["per_batch"], fetch_seconds=p["fetch"],

@@ -249,6 +249,8 @@ PIPELINES = {
     "items that wait: many workers": dict(wait=2e-3),
     "a slow model: the step binds": dict(cpu=5e-5, step_per_sample=4e-4),
     "few batches an epoch: the bubble": dict(n=512, cpu=3e-4, wait=5e-4),
+    "a small data set: one round of the workers makes an epoch": dict(
+        n=900, cpu=2.5e-4, step_per_sample=1e-5),
 }
 
 
@@ -310,3 +312,14 @@ def test_prefetch_factors_that_all_request_the_whole_epoch_are_measured_once(clo
              and t.config.num_workers * t.config.prefetch_factor >= epoch[t.config.batch_size]]
     same = {(c.batch_size, c.num_workers, c.amp, c.pin_memory) for c in whole}
     assert whole and len(same) == len(whole), whole
+
+
+def test_configurations_whose_epochs_start_for_several_windows_are_not_measured(clock):
+    # 3 ms of CPU an item: a batch of 1,024 with 8 workers on 2 cores makes the step wait
+    # 12 s for each epoch's first batch, a fifth of the budget for one trial that would see
+    # little else. The search windows here last 0.5 to 2 s.
+    probe = PipelineProbe(clock, n=5120, cpu=3e-3)
+    result, space, best = _tune_simulated(clock, probe)
+    starts = {t.config: probe.parts(t.config)["start"] for t in result.trials}
+    assert max(starts.values()) <= 4.0, max(starts.items(), key=lambda kv: kv[1])
+    assert probe.rate(result.config) >= 0.97 * probe.rate(best), (result.config, best)

@@ -17,7 +17,8 @@ the slowest bound wins.
 - Every epoch starts with a bubble: the workers start an empty pipeline, so the step waits for a
   worker to make a whole batch while all of them share the cores, and the loader waits on a
   round trip to each worker before it hands out the first indices. With few batches an epoch
-  against many workers, the bubble is a large part of it.
+  against many workers, the bubble is a large part of it; an epoch that one round of the
+  workers makes is its start and then one step per batch.
 
 What the costs cannot tell (the cores really usable, the bubble's size, the per-worker round
 trip) is fitted to the measured rates; what is left of each measured rate's error is spread to
@@ -64,11 +65,13 @@ class Observation:
 @dataclass(frozen=True, kw_only=True)
 class Prediction:
     """The model's rate for a configuration, the model alone (``fitted``) and corrected by the
-    measurements near it (``rate``), and which bound it expects to bind."""
+    measurements near it (``rate``), which bound it expects to bind, and how long each epoch's
+    first batch keeps the step waiting (``start_seconds``)."""
 
     rate: float
     fitted: float
     bound: Bound
+    start_seconds: float = 0.0
 
 
 class _Line:
@@ -270,7 +273,30 @@ class PipelineModel:
             return None
         fitted, bound = self._predict_fitted(config)
         return Prediction(rate=fitted * math.exp(self._correction(config)), fitted=fitted,
-                          bound=bound)
+                          bound=bound, start_seconds=self._start_seconds(config))
+
+    def _start_seconds(self, config: LoaderConfig) -> float:
+        """How long each epoch's first batch keeps the step waiting: with workers, its wait and
+        one worker-batch while all the epoch's workers begin at once, sharing the cores, and
+        the loader's round trip to each worker."""
+        assert self._fetch is not None and self._fetch_cpu is not None
+        bs, w = config.batch_size, config.num_workers
+        if w == 0:
+            return self._epoch_start
+        epoch = self._epoch_batches(bs)
+        active = w if epoch is None else min(w, epoch)
+        fetch = self._fetch(bs)
+        fetch_cpu = min(fetch, self._fetch_cpu(bs))
+        return _start(self._fitted, wait=fetch - fetch_cpu,
+                      worker_cpu=self._worker_cpu(bs, fetch_cpu),
+                      active=active, workers=w)
+
+    def _worker_cpu(self, batch_size: int, fetch_cpu: float) -> float:
+        """A worker's CPU per batch: the in-process fetch's, plus its own overhead (collating
+        into shared memory, sending)."""
+        size = batch_size * self._bytes_per_sample
+        return max(fetch_cpu + self._worker_extra[0] + self._worker_extra[1] * size,
+                   0.5 * fetch_cpu)
 
     def _epoch_batches(self, batch_size: int) -> int | None:
         if self.n is None:
@@ -305,17 +331,17 @@ class PipelineModel:
                       fitted: _Fitted, *, wait: float, fetch_cpu: float, step: float,
                       step_cpu: float) -> tuple[float, Bound]:
         """The rate with ``w`` workers. In steady state the slowest of three bounds sets the
-        pace (soft minimum); each epoch adds its start: one worker-batch while all workers
-        begin at once, sharing the cores, and the loader's round trip to each worker.
+        pace (soft minimum); each epoch adds its start (:meth:`_start_seconds`).
 
-        For an epoch made in one round of the workers this start is counted on top of batches
-        that were in fact made during it, which errs low (by up to half). Kept on purpose:
-        replayed on recorded grids, the exact form (an epoch ends when both its batches are
-        made and the step has taken them) led the search into large batches with many workers,
-        whose trials cost seconds of start-up, and found worse answers (0.955 against 0.993)."""
+        An epoch that one round of the workers makes (no more batches than workers) is its
+        start, when every batch is made at once, and then one step per batch: on 900 items,
+        two batches of 450 made by two workers read 5.5k/s where the start counted on top of
+        the steady pace predicted half that, and the search never went there. An epoch of more
+        batches keeps the start on top of its steady pace, which errs low by up to its first
+        round's batches: the exact form there drew the search into large batches with many
+        workers and replayed worse on the recorded grids."""
         size = bs * self._bytes_per_sample
-        worker_cpu = max(fetch_cpu + self._worker_extra[0] + self._worker_extra[1] * size,
-                         0.5 * fetch_cpu)
+        worker_cpu = self._worker_cpu(bs, fetch_cpu)
         receive = max(self._receive[0] + self._receive[1] * size, 0.0)
         active = w if epoch is None else min(w, epoch)
         workers: tuple[Bound, float] = (
@@ -331,8 +357,11 @@ class PipelineModel:
         bound = max(bounds, key=bounds.__getitem__)
         if epoch is None:
             return self.ranks * per_batch / seconds, bound
-        start = fitted.bubble * (wait + worker_cpu * max(1.0, active / fitted.cores))
-        epoch_seconds = epoch * seconds + start + fitted.round_trip * w
+        start = _start(fitted, wait=wait, worker_cpu=worker_cpu, active=active, workers=w)
+        if active == epoch:
+            epoch_seconds = max(epoch * seconds, start + epoch * (step + receive))
+        else:
+            epoch_seconds = epoch * seconds + start
         if epoch_seconds > 1.5 * epoch * seconds:
             bound = "each epoch's start"
         return self.ranks * epoch * per_batch / epoch_seconds, bound
@@ -362,6 +391,14 @@ class PipelineModel:
         total = sum(weights)
         return sum(w * r for w, (_, r) in zip(weights, self._residuals, strict=True)) / (
             total + _KERNEL_SHRINK)
+
+
+def _start(fitted: _Fitted, *, wait: float, worker_cpu: float, active: int,
+           workers: int) -> float:
+    """An epoch's start with workers: one worker-batch while the ``active`` ones begin at
+    once, sharing the cores, and the loader's round trip to each of the ``workers``."""
+    return (fitted.bubble * (wait + worker_cpu * max(1.0, active / fitted.cores))
+            + fitted.round_trip * workers)
 
 
 def _affine(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
