@@ -248,3 +248,28 @@ def test_a_freeze_of_the_users_own_is_left_in_place():
         del it
     finally:
         gc.unfreeze()
+
+
+class _LeavesAutogradOff(torch.nn.Module):
+    """On its first forward pass, turns autograd off for the thread, as a time limit's signal
+    raised inside the ``finally`` that turns it back on after the optimizer's step does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.calls = torch.nn.Linear(4, 3), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            torch.set_grad_enabled(False)
+        return self.linear(x)
+
+
+def test_a_trial_that_leaves_autograd_off_leaves_it_on_for_the_next():
+    probe = TrainingProbe(Indexed(64), device=CPU, model=_LeavesAutogradOff(),
+                          loss_fn=torch.nn.functional.cross_entropy)
+    config, window = LoaderConfig(8), Window(seconds=0.1, deadline=20)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        probe.measure(config, window)
+    assert torch.is_grad_enabled()
+    assert probe.measure(config, window).samples_per_second > 0

@@ -14,6 +14,7 @@ from torch import nn
 __all__ = ["TrainingState"]
 
 _Saved = tuple[Any, Any]  # (the original object, a copy of its value)
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def _save(value: Any) -> _Saved:
@@ -33,10 +34,23 @@ def _put_back(original: Any, saved: Any) -> Any:
     return copy.deepcopy(saved)
 
 
-@dataclass
+def _autocast_modes() -> list[tuple[str, bool, torch.dtype]]:
+    if not hasattr(torch, "get_autocast_dtype"):  # torch < 2.4 has no per-device calls
+        return []
+    return [(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            for device in _AUTOCAST_DEVICES]
+
+
+@dataclass(kw_only=True)
 class TrainingState:
     """Parameters, grads, all buffers (persistent or not), training modes, optimizer state and
-    hyperparameters, and RNG states, saved so that :meth:`restore` puts them back exactly.
+    hyperparameters, RNG states, and whether autograd and autocast are on, saved so that
+    :meth:`restore` puts them back exactly.
+
+    Autograd and autocast are the thread's, not the model's, but a window can leave them
+    changed: a time limit's signal raised between two lines of a ``finally`` that turns
+    autograd back on (the optimizer's step runs with it off) leaves it off, and every later
+    step fails ("element 0 of tensors does not require grad").
 
     Restoring writes into the original tensor objects, so references the user holds (to a
     grad, a momentum buffer, a BatchNorm statistic) see the old values again too.
@@ -55,6 +69,8 @@ class TrainingState:
     optimizer_state: dict[Any, dict[str, _Saved]]
     optimizer_groups: list[dict[str, Any]]
     rng: tuple[Any, ...]
+    grad_enabled: bool
+    autocast: list[tuple[str, bool, torch.dtype]]
 
     @classmethod
     def capture(cls, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainingState:
@@ -73,9 +89,15 @@ class TrainingState:
         cuda_rng = (torch.cuda.get_rng_state_all()
                     if torch.cuda.is_initialized() else None)  # type: ignore[no-untyped-call]
         rng = (torch.get_rng_state(), cuda_rng, np.random.get_state(), random.getstate())
-        return cls(params, buffers, modes, optimizer, opt_state, groups, rng)
+        return cls(params=params, buffers=buffers, modes=modes, optimizer=optimizer,
+                   optimizer_state=opt_state, optimizer_groups=groups, rng=rng,
+                   grad_enabled=torch.is_grad_enabled(), autocast=_autocast_modes())
 
     def restore(self) -> None:
+        torch.set_grad_enabled(self.grad_enabled)
+        for device, enabled, dtype in self.autocast:
+            torch.set_autocast_enabled(device, enabled)
+            torch.set_autocast_dtype(device, dtype)
         with torch.no_grad():
             for param, data, grad in self.params:
                 param.copy_(data)
