@@ -104,7 +104,8 @@ class PipelineProbe(Probe):
     The true rate is not the tuner's own model: bounds combine as a hard minimum, the workers
     stretch by the cores they share, ``prefetch_factor=1`` loses a tenth, and every epoch
     starts with one worker-batch of bubble plus a round trip per worker (an epoch that one
-    round of the workers makes is that start and one step per batch); above a ``cliff`` batch
+    round of the workers makes is that start and one step per batch, as in the model, since
+    that is what real loaders measured); above a ``cliff`` batch
     size the step costs three times as much, and without workers ``solo_step`` times as much at
     a batch of 64, in proportion to the batch (beside fetches that sleep, a step can run
     several times slower, the more so the longer they sleep). Measurements report

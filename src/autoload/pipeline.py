@@ -71,7 +71,7 @@ class Prediction:
     rate: float
     fitted: float
     bound: Bound
-    start_seconds: float = 0.0
+    start_seconds: float
 
 
 class _Line:
@@ -275,11 +275,13 @@ class PipelineModel:
         return Prediction(rate=fitted * math.exp(self._correction(config)), fitted=fitted,
                           bound=bound, start_seconds=self._start_seconds(config))
 
-    def _start_seconds(self, config: LoaderConfig) -> float:
-        """How long each epoch's first batch keeps the step waiting: with workers, its wait and
-        one worker-batch while all the epoch's workers begin at once, sharing the cores, and
-        the loader's round trip to each worker."""
+    def _start_seconds(self, config: LoaderConfig, fitted: _Fitted | None = None) -> float:
+        """How long each epoch's first batch keeps the step waiting (a stream's, once). With
+        workers: its wait and one worker-batch while all the epoch's workers begin at once,
+        sharing the cores, and the loader's round trip to each worker. Without: the start
+        measured at the epochs' boundaries."""
         assert self._fetch is not None and self._fetch_cpu is not None
+        fitted = fitted or self._fitted
         bs, w = config.batch_size, config.num_workers
         if w == 0:
             return self._epoch_start
@@ -287,9 +289,9 @@ class PipelineModel:
         active = w if epoch is None else min(w, epoch)
         fetch = self._fetch(bs)
         fetch_cpu = min(fetch, self._fetch_cpu(bs))
-        return _start(self._fitted, wait=fetch - fetch_cpu,
-                      worker_cpu=self._worker_cpu(bs, fetch_cpu),
-                      active=active, workers=w)
+        return (fitted.bubble * (fetch - fetch_cpu + self._worker_cpu(bs, fetch_cpu)
+                                 * max(1.0, active / fitted.cores))
+                + fitted.round_trip * w)
 
     def _worker_cpu(self, batch_size: int, fetch_cpu: float) -> float:
         """A worker's CPU per batch: the in-process fetch's, plus its own overhead (collating
@@ -324,22 +326,22 @@ class PipelineModel:
                 return self.ranks * per_batch / seconds, bound
             return (self.ranks * epoch * per_batch / (epoch * seconds + self._epoch_start),
                     bound)
-        return self._with_workers(bs, w, epoch, per_batch, fitted, wait=wait,
+        start = self._start_seconds(config, fitted)
+        return self._with_workers(bs, w, epoch, per_batch, fitted, start=start, wait=wait,
                                   fetch_cpu=fetch_cpu, step=step, step_cpu=step_cpu)
 
     def _with_workers(self, bs: int, w: int, epoch: int | None, per_batch: float,
-                      fitted: _Fitted, *, wait: float, fetch_cpu: float, step: float,
-                      step_cpu: float) -> tuple[float, Bound]:
+                      fitted: _Fitted, *, start: float, wait: float, fetch_cpu: float,
+                      step: float, step_cpu: float) -> tuple[float, Bound]:
         """The rate with ``w`` workers. In steady state the slowest of three bounds sets the
-        pace (soft minimum); each epoch adds its start (:meth:`_start_seconds`).
+        pace (soft minimum); each epoch adds its ``start`` (:meth:`_start_seconds`).
 
         An epoch that one round of the workers makes (no more batches than workers) is its
-        start, when every batch is made at once, and then one step per batch: on 900 items,
-        two batches of 450 made by two workers read 5.5k/s where the start counted on top of
-        the steady pace predicted half that, and the search never went there. An epoch of more
-        batches keeps the start on top of its steady pace, which errs low by up to its first
-        round's batches: the exact form there drew the search into large batches with many
-        workers and replayed worse on the recorded grids."""
+        start, when every batch is made at once, and then one step per batch; on small data
+        sets the best loader is often there. An epoch of more batches keeps the start on top
+        of its steady pace, which errs low by up to its first round's batches: the exact form
+        there draws the search into large batches with many workers, whose trials cost seconds
+        of start-up (docs/search.md has the measurements)."""
         size = bs * self._bytes_per_sample
         worker_cpu = self._worker_cpu(bs, fetch_cpu)
         receive = max(self._receive[0] + self._receive[1] * size, 0.0)
@@ -357,8 +359,7 @@ class PipelineModel:
         bound = max(bounds, key=bounds.__getitem__)
         if epoch is None:
             return self.ranks * per_batch / seconds, bound
-        start = _start(fitted, wait=wait, worker_cpu=worker_cpu, active=active, workers=w)
-        if active == epoch:
+        if epoch <= w:
             epoch_seconds = max(epoch * seconds, start + epoch * (step + receive))
         else:
             epoch_seconds = epoch * seconds + start
@@ -391,14 +392,6 @@ class PipelineModel:
         total = sum(weights)
         return sum(w * r for w, (_, r) in zip(weights, self._residuals, strict=True)) / (
             total + _KERNEL_SHRINK)
-
-
-def _start(fitted: _Fitted, *, wait: float, worker_cpu: float, active: int,
-           workers: int) -> float:
-    """An epoch's start with workers: one worker-batch while the ``active`` ones begin at
-    once, sharing the cores, and the loader's round trip to each of the ``workers``."""
-    return (fitted.bubble * (wait + worker_cpu * max(1.0, active / fitted.cores))
-            + fitted.round_trip * workers)
 
 
 def _affine(points: Sequence[tuple[float, float]]) -> tuple[float, float]:

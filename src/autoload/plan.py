@@ -167,17 +167,21 @@ class Planner:
         """The open configuration of ``pool`` the model predicts fastest, and its score (the
         prediction, raised by ``optimism`` times its novelty).
 
-        Not one whose epochs are predicted to start longer than a few search windows: its
-        trial would cost as much as several others (on 5,100 items of 3 ms each, 1,020 items a
-        batch with 8 workers took 24 s of a 60 s budget) and see little but the start."""
+        Not one whose epochs are predicted to start later than ``_START_WINDOWS`` search
+        windows, unless at the smallest batch size (for items so slow that every batch starts
+        late): its trial would cost as much as several others (on 5,100 items of 3 ms each,
+        1,020 items a batch with 8 workers took 24 s of a 60 s budget) and see little but the
+        start, and smaller batches with the same workers keep the same pace."""
         scored: list[tuple[float, LoaderConfig]] = []
         over = self._over_cap()
         longest_start = _START_WINDOWS * self.state.window.seconds
+        smallest = self.state.space.batch_sizes[0]
         for config in pool:
             if not self._open(config):
                 continue
             prediction: Prediction | None = self.model.predict(config)
-            if prediction is not None and prediction.start_seconds <= longest_start:
+            if prediction is not None and (prediction.start_seconds <= longest_start
+                                           or config.batch_size == smallest):
                 # Most of a worker's memory is its own process, whatever it prefetches: at
                 # least the batch size and workers of a configuration over the cap is a risk,
                 # measured only once nothing else looks as good.
