@@ -271,34 +271,9 @@ class PipelineModel:
         """The predicted rate of ``config``, or ``None`` before the model is ready."""
         if not self.ready:
             return None
-        fitted, bound = self._predict_fitted(config)
+        fitted, bound, start = self._predict_fitted(config)
         return Prediction(rate=fitted * math.exp(self._correction(config)), fitted=fitted,
-                          bound=bound, start_seconds=self._start_seconds(config))
-
-    def _start_seconds(self, config: LoaderConfig, fitted: _Fitted | None = None) -> float:
-        """How long each epoch's first batch keeps the step waiting (a stream's, once). With
-        workers: its wait and one worker-batch while all the epoch's workers begin at once,
-        sharing the cores, and the loader's round trip to each worker. Without: the start
-        measured at the epochs' boundaries."""
-        assert self._fetch is not None and self._fetch_cpu is not None
-        fitted = fitted or self._fitted
-        bs, w = config.batch_size, config.num_workers
-        if w == 0:
-            return self._epoch_start
-        epoch = self._epoch_batches(bs)
-        active = w if epoch is None else min(w, epoch)
-        fetch = self._fetch(bs)
-        fetch_cpu = min(fetch, self._fetch_cpu(bs))
-        return (fitted.bubble * (fetch - fetch_cpu + self._worker_cpu(bs, fetch_cpu)
-                                 * max(1.0, active / fitted.cores))
-                + fitted.round_trip * w)
-
-    def _worker_cpu(self, batch_size: int, fetch_cpu: float) -> float:
-        """A worker's CPU per batch: the in-process fetch's, plus its own overhead (collating
-        into shared memory, sending)."""
-        size = batch_size * self._bytes_per_sample
-        return max(fetch_cpu + self._worker_extra[0] + self._worker_extra[1] * size,
-                   0.5 * fetch_cpu)
+                          bound=bound, start_seconds=start)
 
     def _epoch_batches(self, batch_size: int) -> int | None:
         if self.n is None:
@@ -306,7 +281,10 @@ class PipelineModel:
         return batches_per_epoch(self.n, batch_size, self.drop_last)
 
     def _predict_fitted(self, config: LoaderConfig,
-                        fitted: _Fitted | None = None) -> tuple[float, Bound]:
+                        fitted: _Fitted | None = None) -> tuple[float, Bound, float]:
+        """The model's rate for ``config``, the bound it expects to bind, and how long each
+        epoch's first batch keeps the step waiting (a stream's, once): without workers, the
+        start measured at the epochs' boundaries."""
         assert self._fetch is not None and self._fetch_cpu is not None
         assert self._step is not None and self._step_cpu is not None
         fitted = fitted or self._fitted
@@ -323,18 +301,19 @@ class PipelineModel:
             bound: Bound = "the training step" if step >= fetch else (
                 "waiting for items" if wait > fetch_cpu else "fetching items")
             if epoch is None:
-                return self.ranks * per_batch / seconds, bound
+                return self.ranks * per_batch / seconds, bound, self._epoch_start
             return (self.ranks * epoch * per_batch / (epoch * seconds + self._epoch_start),
-                    bound)
-        start = self._start_seconds(config, fitted)
-        return self._with_workers(bs, w, epoch, per_batch, fitted, start=start, wait=wait,
+                    bound, self._epoch_start)
+        return self._with_workers(bs, w, epoch, per_batch, fitted, wait=wait,
                                   fetch_cpu=fetch_cpu, step=step, step_cpu=step_cpu)
 
     def _with_workers(self, bs: int, w: int, epoch: int | None, per_batch: float,
-                      fitted: _Fitted, *, start: float, wait: float, fetch_cpu: float,
-                      step: float, step_cpu: float) -> tuple[float, Bound]:
-        """The rate with ``w`` workers. In steady state the slowest of three bounds sets the
-        pace (soft minimum); each epoch adds its ``start`` (:meth:`_start_seconds`).
+                      fitted: _Fitted, *, wait: float, fetch_cpu: float, step: float,
+                      step_cpu: float) -> tuple[float, Bound, float]:
+        """The rate with ``w`` workers, its bound and its epochs' start. In steady state the
+        slowest of three bounds sets the pace (soft minimum); each epoch adds its start: one
+        worker-batch while all the epoch's workers begin at once, sharing the cores, and the
+        loader's round trip to each worker.
 
         An epoch that one round of the workers makes (no more batches than workers) is its
         start, when every batch is made at once, and then one step per batch; on small data
@@ -343,7 +322,8 @@ class PipelineModel:
         there draws the search into large batches with many workers, whose trials cost seconds
         of start-up (docs/search.md has the measurements)."""
         size = bs * self._bytes_per_sample
-        worker_cpu = self._worker_cpu(bs, fetch_cpu)
+        worker_cpu = max(fetch_cpu + self._worker_extra[0] + self._worker_extra[1] * size,
+                         0.5 * fetch_cpu)
         receive = max(self._receive[0] + self._receive[1] * size, 0.0)
         active = w if epoch is None else min(w, epoch)
         workers: tuple[Bound, float] = (
@@ -357,15 +337,17 @@ class PipelineModel:
         bounds = dict([workers, cores, main])
         seconds = sum(s ** _SOFTMIN for s in bounds.values()) ** (1 / _SOFTMIN)
         bound = max(bounds, key=bounds.__getitem__)
+        start = (fitted.bubble * (wait + worker_cpu * max(1.0, active / fitted.cores))
+                 + fitted.round_trip * w)
         if epoch is None:
-            return self.ranks * per_batch / seconds, bound
+            return self.ranks * per_batch / seconds, bound, start
         if epoch <= w:
             epoch_seconds = max(epoch * seconds, start + epoch * (step + receive))
         else:
             epoch_seconds = epoch * seconds + start
         if epoch_seconds > 1.5 * epoch * seconds:
             bound = "each epoch's start"
-        return self.ranks * epoch * per_batch / epoch_seconds, bound
+        return self.ranks * epoch * per_batch / epoch_seconds, bound, start
 
     @staticmethod
     def _features(config: LoaderConfig) -> np.ndarray:
