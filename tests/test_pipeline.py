@@ -47,3 +47,16 @@ def test_a_trial_cut_short_makes_its_neighbourhood_known_but_corrects_nothing():
     model.fit([*plain, Observation(config=cut, rate=before.rate / 5, cut_short=True)])
     assert model.novelty(cut) < 0.6 < model.novelty(far)  # measured there: no more optimism
     assert model.predict(cut).rate == pytest.approx(before.rate)  # a low read, not the truth
+
+
+def test_an_unmeasured_prefetch_factor_is_no_reason_for_hope():
+    # The model predicts every prefetch factor alike; were prefetch part of novelty, the
+    # search's optimism would send it to the largest prefetch first, the costliest in memory.
+    plain = [_in_process(bs, 1e-3) for bs in (64, 256, 1024)]
+    measured = LoaderConfig(256, num_workers=4, prefetch_factor=2)
+    model = PipelineModel(cores=2, samples_per_epoch=N)
+    model.fit([*plain, Observation(config=measured, rate=2000.0)])
+    deep = LoaderConfig(256, num_workers=4, prefetch_factor=8)
+    assert model.novelty(deep) == pytest.approx(model.novelty(measured))
+    assert model.novelty(deep) < model.novelty(LoaderConfig(256, num_workers=8,
+                                                            prefetch_factor=2))
