@@ -102,14 +102,15 @@ class PipelineProbe(Probe):
     """A simulated loading pipeline with known costs, measured with noise on a fake clock.
 
     The true rate is not the tuner's own model: bounds combine as a hard minimum, the workers
-    stretch by the cores they share, ``prefetch_factor=1`` loses a tenth, and every epoch
-    starts with one worker-batch of bubble plus a round trip per worker (an epoch that one
-    round of the workers makes is that start and one step per batch, as in the model, since
-    that is what real loaders measured); above a ``cliff`` batch
-    size the step costs three times as much, and without workers ``solo_step`` times as much at
-    a batch of 64, in proportion to the batch (beside fetches that sleep, a step can run
-    several times slower, the more so the longer they sleep). Measurements report
-    the costs a real probe would, so the planner's model has something to learn from.
+    stretch by the cores they share, ``prefetch_factor=1`` loses a tenth (unless the workers ask
+    for every batch of an epoch at its start either way), and every epoch starts with one
+    worker-batch of bubble plus a round trip per worker (an epoch that one round of the workers
+    makes is that start and one step per batch, as in the model, since that is what real
+    loaders measured); above a ``cliff`` batch size the step costs three times as much, and
+    without workers ``solo_step`` times as much at a batch of 64, in proportion to the batch
+    (beside fetches that sleep, a step can run several times slower, the more so the longer
+    they sleep). Measurements report the costs a real probe would, so the planner's model has
+    something to learn from.
     """
 
     def __init__(self, clock: FakeClock, *, n: int = 4096, cpu: float = 0.0,
@@ -144,7 +145,7 @@ class PipelineProbe(Probe):
             x = min(active / (fetch_wait + worker_cpu), 1 / (step + self.handoff))
             if x * demand > self.cores:
                 x = self.cores / demand
-            if config.prefetch_factor == 1:
+            if config.prefetch_factor == 1 and w < epoch:  # else every batch is asked at once
                 x *= 0.9
             per_batch = 1 / x
             start = fetch_wait + worker_cpu * max(1.0, active / self.cores) + 2e-3 * w
