@@ -5,9 +5,10 @@
 For each workload and each configuration (``num_workers`` 0, the CPU count and 4x the CPU
 count), measure side by side, interleaved, in rounds:
 
-- **plain**: the training loop of ``examples/train.py`` (persistent workers, epochs back to back,
-  nothing instrumented), timed over whole epochs after the first (which pays the workers'
-  start-up), for at least ``--plain-seconds`` and one epoch;
+- **plain**: the training loop of ``examples/train.py`` over the loader ``best_loader`` returns
+  (``autoload.DataLoader``; persistent workers, epochs back to back, nothing instrumented),
+  timed over whole epochs after the first (which pays the workers' start-up), for at least
+  ``--plain-seconds`` and one epoch;
 - **probe**: ``TrainingProbe.measure`` with the window the tuner's search uses for a 60 s budget.
 
 and print probe / plain per configuration (the median over rounds of each side). Each workload
@@ -34,9 +35,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from autoload import LoaderConfig, TrainingProbe, Window
+from autoload import DataLoader, LoaderConfig, TrainingProbe, Window
 from autoload.final import interleaved
 from autoload.memory import MemoryWatchdog
 from autoload.space import usable_cpus
@@ -85,8 +86,9 @@ SEGMENT_SECONDS = 1.0
 
 def plain_rate(dataset: Dataset[Any], net: nn.Module | None, config: LoaderConfig,
                min_seconds: float) -> float:
-    """The loop of examples/train.py: the median rate over segments of whole epochs (each 1 s
-    at least) after the first epoch, which pays the workers' start-up.
+    """The loop of examples/train.py over the loader best_loader returns: the median rate
+    over segments of whole epochs (each 1 s at least) after the first epoch, which pays the
+    workers' start-up.
 
     A median over segments, not one rate over the whole run, because some costs come once per
     run but late: each worker's first full garbage collection touches every object it inherited

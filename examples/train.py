@@ -67,7 +67,7 @@ print(f"autoload: {tuned.samples_per_second:,.0f} samples/s with {tuned.loader_k
 for line in tuned.batch_size_advice():
     print(f"autoload: {line}")
 train_iter = autoload.best_loader(train_loader, result=tuned)
-test_iter = DataLoader(test_set, shuffle=False, **tuned.loader_kwargs)
+test_iter = autoload.DataLoader(test_set, shuffle=False, **tuned.loader_kwargs)
 non_blocking = tuned.loader_kwargs["pin_memory"]
 amp_dtype = None if tuned.amp is None else getattr(torch, tuned.amp)
 scaler = torch.amp.GradScaler("cuda", enabled=tuned.amp == "float16" and device.type == "cuda")

@@ -3,10 +3,10 @@
 import autoload
 
 PUBLIC = {
-    "AmpDtype", "AutoloadError", "ConfigError", "Costs", "DatasetError", "FinalistRecord",
-    "LoaderConfig", "Measurement", "Probe", "ProgressEvent", "ResultFileError", "SearchSpace",
-    "SpecError", "TrainingProbe", "TrialRecord", "TuneResult", "TuningFailedError", "Window",
-    "best_loader", "build_space", "tune",
+    "AmpDtype", "AutoloadError", "ConfigError", "Costs", "DataLoader", "DatasetError",
+    "FinalistRecord", "LoaderConfig", "Measurement", "Probe", "ProgressEvent",
+    "ResultFileError", "SearchSpace", "SpecError", "TrainingProbe", "TrialRecord",
+    "TuneResult", "TuningFailedError", "Window", "best_loader", "build_space", "tune",
 }
 
 

@@ -207,49 +207,6 @@ def test_the_user_s_worker_init_fn_still_runs():
     assert not worker_processes()
 
 
-class _FreezeCount(torch.utils.data.Dataset):
-    """Each item: how many objects the garbage collector keeps frozen in this process."""
-
-    def __len__(self):
-        return 2
-
-    def __getitem__(self, index):
-        import gc
-        return gc.get_freeze_count()
-
-
-def test_workers_fork_with_the_heap_frozen_and_the_main_process_gets_it_back():
-    import gc
-
-    from torch.utils.data import DataLoader
-
-    from autoload.probe import _start_workers
-
-    loader = DataLoader(_FreezeCount(), batch_size=1, num_workers=1,
-                        multiprocessing_context="fork")
-    it = _start_workers(loader)
-    assert gc.get_freeze_count() == 0
-    assert int(next(it)) > 1000  # torch's own objects, frozen before the fork
-    del it
-
-
-def test_a_freeze_of_the_users_own_is_left_in_place():
-    import gc
-
-    from torch.utils.data import DataLoader
-
-    from autoload.probe import _start_workers
-
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        it = _start_workers(DataLoader(_FreezeCount(), batch_size=1))
-        assert gc.get_freeze_count() > frozen // 2  # thawed, it would be 0
-        del it
-    finally:
-        gc.unfreeze()
-
-
 class _LeavesAutogradOff(torch.nn.Module):
     """On its first forward pass, turns autograd off for the thread, as a time limit's signal
     raised inside the ``finally`` that turns it back on after the optimizer's step does."""

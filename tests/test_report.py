@@ -5,12 +5,14 @@ from __future__ import annotations
 import ast
 import io
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from rich.console import Console
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+import autoload
 from autoload import FinalistRecord, LoaderConfig, TuneResult
 from autoload.report import render_report, snippet
 
@@ -122,14 +124,14 @@ def test_snippet_is_python_that_builds_the_loader(config):
 
     def fake_loader(dataset, **kwargs):
         built.append(kwargs)
-        return DataLoader(dataset, **kwargs)
+        return autoload.DataLoader(dataset, **kwargs)
 
     dataset = TensorDataset(torch.arange(240.0))
-    namespace = {"DataLoader": fake_loader, "dataset": dataset}
+    namespace = {"autoload": SimpleNamespace(DataLoader=fake_loader), "dataset": dataset}
     exec(code, namespace)
     assert built == [result.loader_kwargs]
     loader = namespace["loader"]
-    assert isinstance(loader, DataLoader)
+    assert isinstance(loader, autoload.DataLoader)
     assert loader.dataset is dataset
     assert loader.batch_size == config.batch_size
     assert loader.num_workers == config.num_workers

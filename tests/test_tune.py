@@ -97,6 +97,7 @@ def test_workers_past_the_memory_cap_make_trials_infeasible_and_the_study_return
 def test_best_loader_serves_every_sample_exactly_once_per_epoch():
     data = Indexed(120)
     loader = autoload.best_loader(data, loader_options={"shuffle": True}, **FAST)
+    assert isinstance(loader, autoload.DataLoader)  # the loader the tuner measured
     assert 120 % loader.batch_size == 0
     for _ in range(2):
         seen = torch.cat([x[:, 0] for x, _ in loader]).long().tolist()

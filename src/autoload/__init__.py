@@ -9,6 +9,7 @@ from autoload.errors import (
     SpecError,
     TuningFailedError,
 )
+from autoload.loader import DataLoader
 from autoload.probe import Probe, TrainingProbe
 from autoload.result import FinalistRecord, Measurement, ProgressEvent, TrialRecord, TuneResult
 from autoload.space import SearchSpace, build_space
@@ -22,6 +23,7 @@ __all__ = [
     "AutoloadError",
     "ConfigError",
     "Costs",
+    "DataLoader",
     "DatasetError",
     "FinalistRecord",
     "LoaderConfig",

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import (
-    DataLoader,
     Dataset,
     IterableDataset,
     RandomSampler,
@@ -31,6 +30,7 @@ from torch.utils.data import (
 from autoload.alarm import Alarm, OutOfTime, TrialTimeout
 from autoload.config import LoaderConfig, batches_per_epoch
 from autoload.errors import AutoloadError, DatasetError
+from autoload.loader import DataLoader
 from autoload.memory import (
     MemoryCapExceeded,
     MemoryWatchdog,
@@ -366,7 +366,7 @@ class TrainingProbe(Probe):
         workers: set[int] = set()
         size = 0
         recorder.start(clock())
-        it: Iterator[Any] = _start_workers(loader)
+        it: Iterator[Any] = iter(loader)
         try:
             verdict: str = "go"
             while verdict == "go" or self.sync is not None:
@@ -463,27 +463,6 @@ class TrainingProbe(Probe):
             peak = torch.cuda.max_memory_allocated(self.device)
             if peak > self.gpu_memory_cap:
                 raise MemoryCapExceeded("GPU", peak, self.gpu_memory_cap)
-
-
-def _start_workers(loader: DataLoader[Any]) -> Iterator[Any]:
-    """The loader's first iterator, which forks its workers, with the training process's
-    objects frozen out of the garbage collector's reach meanwhile.
-
-    A forked worker's first full collection otherwise touches every object it inherited, and
-    the kernel copies each page it touches: a one-time stall of every worker a few batches
-    into its life (0.2 s to most of a second on two cores), which a training run with
-    persistent workers pays once but a short window would read as the configuration's pace.
-    Frozen before the fork, those objects stay out of the workers' collections for good (the
-    way ``gc.freeze`` is documented for pre-fork servers); the main process gets them back at
-    once, so its own collections run as in the user's loop. A process that froze objects
-    itself keeps them frozen: then nothing is frozen or thawed here."""
-    if gc.get_freeze_count():
-        return iter(loader)
-    gc.freeze()
-    try:
-        return iter(loader)
-    finally:
-        gc.unfreeze()
 
 
 def _epoch_end(recorder: Recorder, t: float, workers: set[int]) -> str:

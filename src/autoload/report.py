@@ -37,7 +37,7 @@ def _pct(x: float | None) -> str:
 
 def snippet(result: TuneResult) -> str:
     """The winning settings as copy-pasteable Python."""
-    lines = ["loader = DataLoader(", "    dataset,"]
+    lines = ["loader = autoload.DataLoader(", "    dataset,"]
     lines += [f"    {k}={v!r}," for k, v in result.loader_kwargs.items()]
     lines.append(")")
     if result.amp is not None:

@@ -196,7 +196,8 @@ class TuneResult:
     Attributes:
         config: The winning configuration.
         loader_kwargs: The winner's DataLoader kwargs, JSON-able, ready for
-            ``DataLoader(dataset, **loader_options, **loader_kwargs)``.
+            ``autoload.DataLoader(dataset, **loader_options, **loader_kwargs)`` (the loader
+            measured; torch's own takes them too).
         amp: Autocast dtype for the training step (``None``, ``"bfloat16"`` or ``"float16"``).
         samples_per_second: The winner's median rate in the final side-by-side re-measure.
         baselines: Median rates of PyTorch's defaults and the hand-tuned recipe, by name

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from autoload.budget import Budget
 from autoload.cache import fingerprint
@@ -30,6 +30,7 @@ from autoload.distributed import (
 )
 from autoload.errors import ConfigError, DatasetError
 from autoload.final import finish
+from autoload.loader import DataLoader
 from autoload.memory import default_memory_cap, parse_size
 from autoload.pipeline import PipelineModel
 from autoload.plan import PlannedSampler, Planner
@@ -212,7 +213,7 @@ def tune(
         >>> from torch.utils.data import TensorDataset
         >>> data = TensorDataset(torch.randn(512, 8), torch.randint(0, 2, (512,)))
         >>> result = autoload.tune(data, timeout=5, max_workers=1)
-        >>> loader = torch.utils.data.DataLoader(data, **result.loader_kwargs)
+        >>> loader = autoload.DataLoader(data, **result.loader_kwargs)
     """
     start = clock()
     world = current_world()
@@ -463,7 +464,8 @@ def _enqueue_baselines(study: optuna.Study, state: SearchState, space: SearchSpa
 
 def best_loader(dataset: Any, *, result: TuneResult | None = None,
                 **kwargs: Any) -> DataLoader[Any]:
-    """Tune (unless ``result`` is given) and return a DataLoader built with the winner.
+    """Tune (unless ``result`` is given) and return a DataLoader built with the winner: an
+    :class:`autoload.DataLoader`, the loader the tuner measured.
 
     Takes what :func:`tune` takes: a Dataset, a DataLoader (the new one keeps every argument of
     it autoload does not tune: its sampler, collate_fn, worker_init_fn...), a
