@@ -35,6 +35,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from torch.utils.data import DataLoader as TorchLoader
 from torch.utils.data import Dataset
 
 from autoload import DataLoader, LoaderConfig, TrainingProbe, Window
@@ -85,7 +86,7 @@ SEGMENT_SECONDS = 1.0
 
 
 def plain_rate(dataset: Dataset[Any], net: nn.Module | None, config: LoaderConfig,
-               min_seconds: float) -> float:
+               min_seconds: float, loader_class: type[TorchLoader[Any]] = DataLoader) -> float:
     """The loop of examples/train.py over the loader best_loader returns: the median rate
     over segments of whole epochs (each 1 s at least) after the first epoch, which pays the
     workers' start-up.
@@ -96,7 +97,7 @@ def plain_rate(dataset: Dataset[Any], net: nn.Module | None, config: LoaderConfi
     cores, a few seconds into the run). A long run pays that once; a run of a few seconds would
     count it as if every epoch did.
     """
-    loader = DataLoader(dataset, **config.loader_kwargs())
+    loader = loader_class(dataset, **config.loader_kwargs())
     opt = None if net is None else torch.optim.SGD(net.parameters(), lr=0.01)
     ends: list[float] = []
     while len(ends) < 2 or ends[-1] - ends[0] < min_seconds:
