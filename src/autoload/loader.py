@@ -6,9 +6,9 @@ set's Python objects: hundreds of thousands of them). Python's cyclic garbage co
 the worker every so many allocations, walks every one it tracks: each full collection then
 costs the worker time in proportion to the training process's heap, and the first one makes
 the kernel copy each page it touches (0.2 s to most of a second per worker on two cores). On
-cheap in-memory items with few workers those walks steal enough of the cores to slow the whole
-pipeline: a plain loop read 158k samples/s with torch's DataLoader and 198k/s with this one
-(docs/probe.md).
+cheap in-memory items with short epochs those walks steal enough of the cores to slow the whole
+pipeline: the same plain loop ran 1.15x (2 workers) and 1.19x (8 workers) as fast over this
+loader as over torch's on two cores (``benchmarks/loaders.py``).
 
 Objects frozen (``gc.freeze``) before the fork stay out of the worker's collections for good,
 the way the CPython documentation advises for pre-fork servers; the training process thaws
