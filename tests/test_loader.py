@@ -8,19 +8,11 @@ from torch.utils.data import TensorDataset
 
 import autoload
 
-
-class _FreezeCount(torch.utils.data.Dataset):
-    """Each item: how many objects the garbage collector keeps frozen in this process."""
-
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, index):
-        return gc.get_freeze_count()
+from toydata import FreezeCount
 
 
 def _frozen_in_workers(loader_class, **kwargs):
-    loader = loader_class(_FreezeCount(), batch_size=1, num_workers=1,
+    loader = loader_class(FreezeCount(), batch_size=1, num_workers=1,
                           multiprocessing_context="fork", **kwargs)
     counts = [int(x) for x in loader]
     assert gc.get_freeze_count() == 0  # the main process got its objects back at once
@@ -45,7 +37,7 @@ def test_a_freeze_of_the_users_own_is_left_in_place():
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
-        it = iter(autoload.DataLoader(_FreezeCount(), batch_size=1, num_workers=1))
+        it = iter(autoload.DataLoader(FreezeCount(), batch_size=1, num_workers=1))
         assert gc.get_freeze_count() > frozen // 2  # thawed, it would be 0
         del it
     finally:

@@ -10,7 +10,7 @@ from autoload.memory import MemoryCapExceeded
 from autoload.probe import TrialTimeout, move_to_device
 
 from conftest import worker_processes
-from toydata import Hangs, Indexed, Ragged, Raises, Slow, Uneven, WorkerHog
+from toydata import FreezeCount, Hangs, Indexed, Ragged, Raises, Slow, Uneven, WorkerHog
 
 CPU = torch.device("cpu")
 SHORT = Window(seconds=0.2, deadline=20)
@@ -205,6 +205,23 @@ def test_the_user_s_worker_init_fn_still_runs():
     with pytest.raises(RuntimeError, match="the user's init ran in worker"):
         probe.measure(LoaderConfig(16, num_workers=1, prefetch_factor=2), SHORT)
     assert not worker_processes()
+
+
+def test_the_probe_forks_its_workers_with_the_heap_frozen():
+    # The loader measured is autoload.DataLoader, the one best_loader returns.
+    import gc
+
+    seen: list[float] = []
+
+    def step(model, batch):
+        seen.extend(batch.tolist())
+        return (model.weight * 0).sum()
+
+    probe = TrainingProbe(FreezeCount(64), device=CPU, model=torch.nn.Linear(1, 1), step=step,
+                          loader_options={"multiprocessing_context": "fork"})
+    probe.measure(LoaderConfig(8, num_workers=1, prefetch_factor=2), SHORT)
+    assert seen and min(seen) > 1000  # torch's own objects, frozen before the fork
+    assert gc.get_freeze_count() == 0
 
 
 class _LeavesAutogradOff(torch.nn.Module):

@@ -146,6 +146,21 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(worker_id)
 
 
+class FreezeCount(Dataset):
+    """Each item: how many objects the garbage collector keeps frozen in the process that
+    made it (a worker's tells whether it was forked with the heap frozen)."""
+
+    def __init__(self, n: int = 4) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import gc
+        return torch.tensor(float(gc.get_freeze_count()))
+
+
 class EveryOther(torch.utils.data.Sampler):
     """A user's sampler: the even indices, then the odd ones."""
 
