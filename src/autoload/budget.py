@@ -61,3 +61,10 @@ class Budget:
     def hard_end(self) -> float:
         """The budget itself, margin included: the last moment anything may run."""
         return math.inf if self.seconds is None else self.start + self.seconds
+
+    def deadline(self, wanted: float) -> float:
+        """A measurement's hard deadline from now: ``wanted`` seconds, but never past the
+        budget's own end, so that a hang (a data set that stops answering) costs what is left
+        of the budget at most and the run ends on time. At least a millisecond: an alarm
+        needs a positive delay."""
+        return max(min(wanted, self.hard_end() - self.clock()), 1e-3)

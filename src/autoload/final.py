@@ -12,7 +12,7 @@ from autoload.errors import AutoloadError, TuningFailedError
 from autoload.pipeline import PipelineModel
 from autoload.probe import Measurement, Window
 from autoload.result import FinalistRecord, ProgressEvent, Role, TuneResult
-from autoload.search import FINAL_WINDOW, SearchState
+from autoload.search import FINAL_WINDOW, SearchState, fault_reason
 
 __all__ = ["finish", "interleaved"]
 
@@ -73,7 +73,7 @@ class _Remeasure:
         self.state, self.finalists, self.rounds, self.seconds = state, finalists, rounds, seconds
         self.deadline = deadline
         self.results: dict[LoaderConfig, list[Measurement]] = {c: [] for c in finalists}
-        self.faulted: set[LoaderConfig] = set()
+        self.faulted: dict[LoaderConfig, str] = {}  # why each finalist that faulted did
         self.behind: set[LoaderConfig] = set()
         self.done = 0
         self.total = rounds * len(finalists)  # measurements planned, revised as it goes
@@ -84,7 +84,7 @@ class _Remeasure:
     def run(self) -> dict[LoaderConfig, list[Measurement]]:
         most = self.rounds if not self.state.budget.limited else _EXTRA_ROUNDS * self.rounds
         for r in range(most):
-            active = [c for c in self.finalists if c not in self.faulted | self.behind]
+            active = [c for c in self.finalists if c not in self.faulted and c not in self.behind]
             if not active:
                 break
             if r >= self.rounds:  # an extra round: only for close finalists, if it fits
@@ -105,18 +105,21 @@ class _Remeasure:
         limit = self.seconds + 2 * state.overhead(config) + 0.5
         if state.budget.limited:
             left = self.left() - state.overhead(config)
-            if self.results[config] and left < self.seconds:
+            if (self.results[config] and left < self.seconds) or self.left() <= 0:
                 self.total -= 1
                 return  # out of time: keep the rates measured so far
             limit = min(limit, max(self.seconds / 2, left))
-        window = Window(seconds=self.seconds, deadline=state.window.deadline,
+        window = Window(seconds=self.seconds,
+                        deadline=state.budget.deadline(state.window.deadline),
                         min_batches=_FINAL_MIN_BATCHES, time_limit=limit)
         try:
-            self.results[config].append(state.probe.measure(config, window))
+            measurement = state.probe.measure(config, window)
+            self.results[config].append(measurement)
+            state.note_load(measurement)
         except AutoloadError:
             raise
-        except Exception:  # a finalist that faults now is out, whatever it did before
-            self.faulted.add(config)
+        except Exception as exc:  # a finalist that faults now is out, whatever it did before
+            self.faulted[config] = fault_reason(exc)
             self.total -= max(0, self.rounds - r - 1)
         self.done += 1
         if state.progress is not None:
@@ -180,16 +183,35 @@ def _plan(state: SearchState, finalists: list[LoaderConfig]) -> tuple[int, float
     interleaved windows beat longer ones against a machine whose speed drifts.
     """
     seconds = FINAL_WINDOW * state.window.seconds
+    # On a busy machine a rate swings with the other processes' load: twice the rounds,
+    # interleaved, spread each configuration's windows over more of those swings.
+    wanted = state.final_rounds * (2 if state.busy() else 1)
     if not state.budget.limited:
-        return state.final_rounds, seconds
+        return wanted, seconds
     shortest = state.base_seconds / 2
     left = state.budget.end - state.window.seconds - state.clock()
     overhead = sum(state.overhead(c) for c in finalists)
-    for rounds in range(state.final_rounds, 0, -1):
+    for rounds in range(wanted, 0, -1):
         seconds = (left / rounds - overhead) / len(finalists)
         if seconds >= shortest:
             break
     return rounds, min(max(seconds, shortest), _MAX_FINAL_WINDOWS * state.window.seconds)
+
+
+def _no_finalist_error(faulted: dict[LoaderConfig, str],
+                       search_faults: list[str]) -> TuningFailedError:
+    """Why no finalist could be re-measured: the one reason they share, or the budget (and
+    the search's last fault, which is often what used it up: a data set that hung)."""
+    reasons = sorted(set(faulted.values()))
+    if not reasons:
+        last = f" (the search's last fault: {search_faults[-1]})" if search_faults else ""
+        return TuningFailedError("the budget ran out before any finalist could be re-measured"
+                                 f"{last}; raise --timeout.")
+    if len(reasons) == 1:
+        return TuningFailedError(f"every finalist faulted when re-measured: {reasons[0]}")
+    return TuningFailedError("every finalist faulted when re-measured (" + "; ".join(reasons[:3])
+                             + "); the machine may be under memory pressure: raise --memory-cap "
+                             "or rerun.")
 
 
 def _records(finalists: dict[LoaderConfig, set[str]],
@@ -235,11 +257,10 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
     """Re-measure the finalists side by side and build the result."""
     finalists = state.finalists()
     rounds, seconds = _plan(state, list(finalists))
-    measured = _Remeasure(state, list(finalists), rounds, seconds,
-                          _final_deadline(state)).run()
+    remeasure = _Remeasure(state, list(finalists), rounds, seconds, _final_deadline(state))
+    measured = remeasure.run()
     if not measured:
-        raise TuningFailedError("every finalist faulted when re-measured; the machine may be "
-                                "under memory pressure: raise --memory-cap or rerun.")
+        raise _no_finalist_error(remeasure.faulted, [reason for reason, _ in state.failures])
     records = _records(finalists, measured, model, state)
     top = max(f.median for f in records.values())
     tie = _tie_margin(state, measured, seconds)
@@ -274,4 +295,5 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
         elapsed_seconds=state.budget.elapsed(), space_size=state.space.size, notes=tuple(notes),
         step_rate=step_rate, fetch_rate=fetch_rate, noise_cv=state.noise.per_second,
         limit=None if prediction is None else prediction.bound,
+        others_cpu=state.others_cpu(), faults=tuple(sorted(set(remeasure.faulted.values()))),
     )

@@ -15,6 +15,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from autoload import cpuload
 from autoload.alarm import Alarm, OutOfTime, TrialTimeout
 from autoload.config import LoaderConfig, batches_per_epoch
 from autoload.errors import AutoloadError, DatasetError
@@ -227,6 +229,8 @@ class TrainingProbe(Probe):
         sync: In a distributed job, a vote among the ranks before each step (the largest
             code wins: go, done, cut, fault), so that all of them take the same steps and DDP's
             all-reduce never waits on a rank that stopped; see :mod:`autoload.distributed`.
+        cpu_root: The process whose tree is the tuner's own when the window reads what other
+            processes took of the CPUs (this process; in a job, the agent of the node's ranks).
     """
 
     def __init__(
@@ -243,6 +247,7 @@ class TrainingProbe(Probe):
         gpu_memory_cap: int | None = None,
         clock: Callable[[], float] = time.perf_counter,
         sync: Callable[[int], int] | None = None,
+        cpu_root: int | None = None,
     ) -> None:
         self.dataset = dataset
         self.device = device
@@ -257,6 +262,7 @@ class TrainingProbe(Probe):
         self.gpu_memory_cap = gpu_memory_cap
         self.clock = clock
         self.sync = sync
+        self.cpu_root = cpu_root
 
     def measure(self, config: LoaderConfig, window: Window) -> Measurement:
         before = child_pids()
@@ -274,7 +280,7 @@ class TrainingProbe(Probe):
                 # holds no lock a worker needs.
                 warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead")
                 with MemoryWatchdog(self.memory_cap) as dog, Alarm(window.deadline) as alarm:
-                    timing, size = self._guarded(config, window, dog, alarm)
+                    timing, size, others = self._guarded(config, window, dog, alarm)
             peak_gpu = torch.cuda.max_memory_allocated(self.device) if cuda else None
             costs = None if timing.costs is None else replace(timing.costs, batch_bytes=size)
             return Measurement(
@@ -283,7 +289,7 @@ class TrainingProbe(Probe):
                 seconds=timing.seconds, samples=timing.samples, batches=timing.batches,
                 epochs=timing.epochs, data_wait_fraction=timing.data_wait_fraction,
                 peak_host_bytes=dog.peak, peak_gpu_bytes=peak_gpu, cut_short=timing.cut_short,
-                rate_cv=timing.rate_cv, costs=costs,
+                rate_cv=timing.rate_cv, costs=costs, others_cpu=others,
             )
         finally:
             # A full collection costs a quarter second with torch and optuna loaded: run it only
@@ -297,7 +303,7 @@ class TrainingProbe(Probe):
                 torch.cuda.empty_cache()
 
     def _guarded(self, config: LoaderConfig, window: Window, dog: MemoryWatchdog,
-                 alarm: Alarm) -> tuple[Timing, int]:
+                 alarm: Alarm) -> tuple[Timing, int, float | None]:
         """:meth:`_run`, with the errors a crossed cap or a bad collate cause made plain."""
         try:
             return self._run(config, window, dog, alarm)
@@ -356,11 +362,12 @@ class TrainingProbe(Probe):
             torch.cuda.synchronize(self.device)
 
     def _run(self, config: LoaderConfig, window: Window, dog: MemoryWatchdog,
-             alarm: Alarm) -> tuple[Timing, int]:
-        """Epochs back to back until the recorder has seen enough; the timing and the bytes of
-        one batch."""
+             alarm: Alarm) -> tuple[Timing, int, float | None]:
+        """Epochs back to back until the recorder has seen enough; the timing, the bytes of
+        one batch, and the share of the CPUs other processes took meanwhile."""
         clock, step = self.clock, self._make_step(config)
         before = child_pids()
+        cpu_before, began = cpuload.read(self.cpu_root), clock()
         loader, shape = self._loader(config, window)
         recorder = Recorder(shape, window)
         workers: set[int] = set()
@@ -397,9 +404,9 @@ class TrainingProbe(Probe):
                     workers = child_pids() - before
                     if window.time_limit is not None and self.sync is None:
                         alarm.soft_in(window.time_limit - (clock() - got))
-            interrupted = verdict == "cut"
+            interrupted, stopped_at = verdict == "cut", None
         except OutOfTime:
-            interrupted = True
+            interrupted, stopped_at = True, clock()
         except BaseException as exc:
             # The traceback's frames hold the iterator (DataLoader's own methods have it as
             # `self`), which would keep its workers alive until the exception is gone.
@@ -412,19 +419,38 @@ class TrainingProbe(Probe):
             recorder.synced(clock())
         if recorder.measuring and recorder.worker_cpu is not None:
             recorder.worker_cpu = (recorder.worker_cpu[0], cpu_seconds(workers))
+        # Read while the workers live: their CPU time is the tuner's own, not the others'.
+        others = cpuload.others_share(cpu_before, cpuload.read(self.cpu_root), clock() - began)
         # Drop the only references so the workers shut down now.
         del it, loader
-        return recorder.timing(interrupted=interrupted), size
+        return recorder.timing(interrupted=interrupted, stopped_at=stopped_at), size, others
 
     def _fetch(self, it: Iterator[Any]) -> tuple[Any, BaseException | None]:
         """The next batch (or the epoch's end). In a job a fault is held back for the vote,
         so that no rank steps (and waits in DDP's all-reduce) while another cannot."""
-        if self.sync is None:
-            return next(it, _END), None
         try:
             return next(it, _END), None
         except Exception as exc:
-            return None, exc
+            error: Exception = exc
+            if isinstance(exc, TrialTimeout) or str(exc).startswith("DataLoader timed out"):
+                error = TrialTimeout(self._stalled(exc))  # the alarm, or the workers' timeout
+            if self.sync is not None:
+                return None, error
+            if error is exc:
+                raise
+            raise error from None
+
+    def _stalled(self, exc: BaseException) -> str:
+        """A deadline that passed while the loop waited for a batch: items stopped arriving.
+        In the main process the traceback still holds the data set's ``__getitem__`` frame,
+        and so the index it hung on."""
+        index = _index_in(exc.__traceback__, self.dataset)
+        if index is not None:
+            where = f"the data set's __getitem__ did not return index {index}"
+        else:
+            where = "no batch came from the DataLoader"
+        return (f"items stopped arriving: {where} before the trial's deadline ({exc}); a hang "
+                "in the data set (a stalled file system or network?), or in its collate_fn")
 
     def _vote(self, verdict: str, error: BaseException | None) -> str:
         """Every rank's verdict before the step: the window goes on only if all say so."""
@@ -463,6 +489,23 @@ class TrainingProbe(Probe):
             peak = torch.cuda.max_memory_allocated(self.device)
             if peak > self.gpu_memory_cap:
                 raise MemoryCapExceeded("GPU", peak, self.gpu_memory_cap)
+
+
+def _index_in(tb: TracebackType | None, dataset: Any) -> Any:
+    """The index argument of ``dataset.__getitem__`` in a traceback (the outermost such call:
+    a wrapper's own index, as the sampler gave it), or ``None``."""
+    found = None
+    while tb is not None:
+        frame = tb.tb_frame
+        code = frame.f_code
+        if code.co_name in ("__getitem__", "__getitems__") and code.co_argcount >= 2:
+            value = frame.f_locals.get(code.co_varnames[1])
+            if frame.f_locals.get("self") is dataset:
+                return value
+            if found is None:
+                found = value
+        tb = tb.tb_next
+    return found
 
 
 def _epoch_end(recorder: Recorder, t: float, workers: set[int]) -> str:

@@ -133,8 +133,21 @@ def _tag(f: FinalistRecord, result: TuneResult) -> str:
     return (f"winner ({role})" if role else "winner") if f.config == result.config else role
 
 
+def _busy_lines(result: TuneResult) -> list[str]:
+    """A busy machine, said first: every figure after it is the loader's share of CPUs that
+    other processes were using too."""
+    if not result.busy or result.others_cpu is None:
+        return []
+    return [f"the machine was busy: other processes used {result.others_cpu:.0%} of the CPUs "
+            "while autoload measured (median over its windows), so these rates are what the "
+            "loader got beside them, and configurations may rank differently on a quiet "
+            "machine (the finalists were re-measured in more interleaved rounds where time "
+            "allowed). Tune again when it is quiet: this result is kept marked in the cache "
+            "and is never handed back as a quiet machine's"]
+
+
 def _lines(result: TuneResult) -> list[str]:
-    lines = []
+    lines = _busy_lines(result)
     if result.cached:
         lines.append(f"from the cache ({result.cached}): this machine tuned the same data, "
                      "model and options before; --no-cache (cache=False) measures again")
@@ -149,6 +162,9 @@ def _lines(result: TuneResult) -> list[str]:
     if bad:
         lines.append(f"{_count(sum(bad.values()), 'trial')} infeasible or failed:")
         lines.extend(f"  {count} x {state}: {reason}" for (state, reason), count in bad.items())
+    if result.faults:
+        lines.append("finalists that faulted when re-measured side by side, left out:")
+        lines.extend(f"  {reason}" for reason in result.faults)
     repeats = sum(t.state == "repeat" for t in result.trials)
     if repeats:
         lines.append(f"{_count(repeats, 'trial')} repeated a measured configuration and "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from autoload.config import AmpDtype, LoaderConfig
+from autoload.cpuload import BUSY
 from autoload.errors import ResultFileError
 from autoload.timing import Costs
 
@@ -57,6 +58,8 @@ class Measurement:
             variation), from the spread of the rate over consecutive blocks of its batches;
             ``None`` for a window cut short or of fewer than 4 batches.
         costs: Per-batch costs for the pipeline model, when the probe measured them.
+        others_cpu: The share of the CPUs (0 to 1) that processes outside the tuner's own
+            took during the window (see :mod:`autoload.cpuload`); ``None`` when unknown.
     """
 
     samples_per_second: float
@@ -72,6 +75,7 @@ class Measurement:
     cut_short: bool = False
     rate_cv: float | None = None
     costs: Costs | None = None
+    others_cpu: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,6 +222,11 @@ class TuneResult:
             ``"the CPU cores"``, ``"each epoch's start"``), when it had costs to model.
         reference_batch_size: The batch size the user trained at (their DataLoader's), if known.
         optimizer: The optimizer's class name, when a model was trained.
+        others_cpu: The median share of the CPUs (0 to 1) that other processes took while
+            autoload measured; from :data:`autoload.cpuload.BUSY` on, the machine was busy
+            and the rates are the loader's share of a machine it did not have to itself.
+        faults: Why finalists that faulted in the side-by-side re-measure were left out
+            (one line each, the same reason once).
         cached: Where this result was read from, when it came from the cache (not saved).
     """
 
@@ -239,7 +248,14 @@ class TuneResult:
     limit: str | None = None
     reference_batch_size: int | None = None
     optimizer: str | None = None
+    others_cpu: float | None = None
+    faults: tuple[str, ...] = ()
     cached: str | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether other processes took a large share of the CPUs while autoload measured."""
+        return self.others_cpu is not None and self.others_cpu >= BUSY
 
     @property
     def bound(self) -> Literal["data loading", "training step"]:
@@ -317,6 +333,8 @@ class TuneResult:
             "limit": self.limit,
             "reference_batch_size": self.reference_batch_size,
             "optimizer": self.optimizer,
+            "others_cpu": self.others_cpu,
+            "faults": list(self.faults),
             "format_version": FORMAT_VERSION,
         }
         return json.dumps(data, indent=indent)
@@ -351,6 +369,8 @@ class TuneResult:
                 limit=data.get("limit"),
                 reference_batch_size=data.get("reference_batch_size"),
                 optimizer=data.get("optimizer"),
+                others_cpu=data.get("others_cpu"),
+                faults=tuple(data.get("faults", ())),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ResultFileError(

@@ -12,6 +12,7 @@ import optuna
 
 from autoload.budget import FINAL_SHARE_MAX, MARGIN, Budget
 from autoload.config import LoaderConfig
+from autoload.cpuload import BUSY
 from autoload.errors import AutoloadError, TuningFailedError
 from autoload.memory import MemoryCapExceeded, is_oom
 from autoload.noise import Noise
@@ -25,7 +26,7 @@ from autoload.result import (
 )
 from autoload.space import SearchSpace, build_space
 
-__all__ = ["SearchState", "describe_error", "load_previous", "measure_pilot",
+__all__ = ["SearchState", "describe_error", "fault_reason", "load_previous", "measure_pilot",
            "no_feasible_error", "widen_for_slow_fetches"]
 
 FINAL_WINDOW = 1.5  # final windows are this much longer than the search's
@@ -58,6 +59,16 @@ def describe_error(exc: BaseException) -> str:
     return last if last.startswith(name) else f"{name}: {last}"
 
 
+def fault_reason(exc: BaseException) -> str:
+    """Why a measurement faulted, in one line: a crossed cap, a GPU out of memory, a deadline
+    (the probe says what hung), or the error itself."""
+    if isinstance(exc, (MemoryCapExceeded, TrialTimeout)):
+        return str(exc)
+    if is_oom(exc):
+        return "CUDA out of memory"
+    return describe_error(exc)
+
+
 class SearchState:
     """The state of one tuning run; :func:`autoload.tune` builds it, the planner reads it."""
 
@@ -80,6 +91,7 @@ class SearchState:
         self.noise = Noise()
         self.predicted: dict[LoaderConfig, float] = {}  # the model's rate before measuring
         self.exhausted = False  # the planner has nothing left worth measuring
+        self.others: list[float] = []  # each window's share of the CPUs other processes took
 
     # -- measuring -------------------------------------------------------------------------
 
@@ -100,6 +112,7 @@ class SearchState:
             self.window,
             abandon_below=None if best is None else _ABANDON_BELOW * best.samples_per_second,
             time_limit=self._trial_time_limit(),
+            deadline=self.budget.deadline(self.window.deadline),
         )
         try:
             m = self.probe.measure(config, window)
@@ -109,6 +122,7 @@ class SearchState:
             record = self._fault(config, number, exc)
         else:
             record = self._record(number, config, m)
+            self.note_load(m)
             self.overheads[config] = self.clock() - began - m.seconds
             if m.rate_cv is not None:
                 self.noise.add_window(rate_cv=m.rate_cv, seconds=m.seconds)
@@ -116,14 +130,24 @@ class SearchState:
         self.measured[config] = record
         return record
 
+    def note_load(self, m: Measurement) -> None:
+        """Keep what other processes took of the CPUs during a window."""
+        if m.others_cpu is not None:
+            self.others.append(m.others_cpu)
+
+    def others_cpu(self) -> float | None:
+        """The median share of the CPUs other processes took during the windows so far."""
+        return statistics.median(self.others) if self.others else None
+
+    def busy(self) -> bool:
+        """Whether other processes kept a large share of the CPUs busy while measuring."""
+        share = self.others_cpu()
+        return share is not None and share >= BUSY
+
     def _fault(self, config: LoaderConfig, number: int, exc: Exception) -> TrialRecord:
-        if isinstance(exc, MemoryCapExceeded):
-            return TrialRecord(number=number, config=config, state="infeasible",
-                               reason=str(exc))
-        if is_oom(exc):
-            return TrialRecord(number=number, config=config, state="infeasible",
-                               reason="CUDA out of memory")
-        reason = str(exc) if isinstance(exc, TrialTimeout) else describe_error(exc)
+        reason = fault_reason(exc)
+        if isinstance(exc, MemoryCapExceeded) or is_oom(exc):
+            return TrialRecord(number=number, config=config, state="infeasible", reason=reason)
         self.failures.append((reason, exc))
         return TrialRecord(number=number, config=config, state="failed", reason=reason)
 

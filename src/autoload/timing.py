@@ -33,6 +33,7 @@ Verdict = Literal["go", "done", "cut"]
 _WAITED = 1e-3  # a fetch that took longer than this (and a quarter of the step) waited
 _CV_BLOCKS = 8
 _NEAR_END = 0.5  # of the window: an epoch that ends this soon is measured to its end
+_STALLED = 4.0  # a fetch this many times the mean batch's time has stalled (see timing())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -376,9 +377,17 @@ class Recorder:
         head_seconds = self._done_after(head) - self._origin_time
         return epoch * per_batch / (head_seconds + (epoch - head) * pace)
 
-    def timing(self, *, interrupted: bool = False) -> Timing:
-        """The window's result. ``interrupted``: the soft time limit stopped it."""
+    def timing(self, *, interrupted: bool = False, stopped_at: float | None = None) -> Timing:
+        """The window's result. ``interrupted``: the soft time limit stopped it, at
+        ``stopped_at`` when known.
+
+        The batch in progress at the cut counts neither its samples nor its time, unless it
+        had taken far longer than the batches before it (``_STALLED`` times their mean): a
+        fetch that never returns (items that stopped arriving) is then the window's story, and
+        a rate over the batches before it alone would read a hang as fast."""
         cut = interrupted or self._verdict_now == "cut"
+        if stopped_at is not None and self._stalled(stopped_at):
+            self._now = stopped_at
         b = self._b
         startup = b.got[0] - self._start if len(b) else 0.0
         if self._origin is None or self._m() == 0:
@@ -389,6 +398,8 @@ class Recorder:
         t_end = self._ends[-1][0] if self._ends else self._done_after(n)
         seconds = t_end - self._origin_time
         rate = self._rate()
+        if self._now > self._done_after(self._m()):  # stalled: the wait counts
+            rate = min(rate, self._samples(0, self._m()) / (self._now - self._origin_time))
         wait = sum(b.got[o + k] - b.begin[o + k] for k in range(n))
         marks = [(b.done[o + k], self._samples(0, k + 1)) for k in range(n)]
         return Timing(
@@ -401,6 +412,15 @@ class Recorder:
                                                min_block=max(1, self.shape.workers)),
             costs=self._costs(rate),
         )
+
+    def _stalled(self, t: float) -> bool:
+        """Whether the batch in progress at ``t`` has waited ``_STALLED`` times as long as a
+        batch took on average so far (since the loader was built, start-up included)."""
+        n = len(self._b)
+        if n == 0:
+            return True
+        last = self._b.done[-1]
+        return t - last > _STALLED * max((last - self._start) / n, 1e-6)
 
     def _costs(self, rate: float) -> Costs | None:
         """Per-batch means over the steady span of the first measured epoch."""
@@ -441,9 +461,9 @@ def _warmup_timing(b: _Columns, *, start: float, now: float, workers: int,
     since the first batch."""
     n = len(b)
     if workers == 0 and n >= 2:
-        samples, seconds = b.samples(1, n), b.done[-1] - b.done[0]
+        samples, seconds = b.samples(1, n), max(now, b.done[-1]) - b.done[0]
     elif n:
-        samples, seconds = b.samples(0, n), b.done[-1] - start
+        samples, seconds = b.samples(0, n), max(now, b.done[-1]) - start
     else:
         samples, seconds = 0, now - start
     return Timing(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -255,7 +256,8 @@ def tune(
                                loader_options=given.loader_options, memory_cap=memory_cap,
                                gpu_memory_cap=gpu_memory_cap, clock=clock,
                                share=1 if world is None else world.local_size,
-                               sync=None if channel is None else channel.vote)
+                               sync=None if channel is None else channel.vote,
+                               cpu_root=None if world is None else os.getppid())
     if world is not None and channel is not None and not world.leader:
         with terminate_as_interrupt():
             return TuneResult.from_json(follow(probe, channel))
@@ -419,7 +421,8 @@ def _default_probe(dataset: Dataset[Any], device: torch.device, *, model: nn.Mod
                    step: StepFn | None, loader_options: Mapping[str, Any],
                    memory_cap: int | str | None, gpu_memory_cap: int | str | None,
                    clock: Callable[[], float], share: int = 1,
-                   sync: Callable[[int], int] | None = None) -> TrainingProbe:
+                   sync: Callable[[int], int] | None = None,
+                   cpu_root: int | None = None) -> TrainingProbe:
     """The probe; with ``share`` ranks on the node, each holds its share of the node's cap."""
     host_cap = (default_memory_cap(share=share) if memory_cap is None
                 else parse_size(memory_cap) // share)
@@ -429,7 +432,8 @@ def _default_probe(dataset: Dataset[Any], device: torch.device, *, model: nn.Mod
                    if gpu_memory_cap is None else parse_size(gpu_memory_cap))
     return TrainingProbe(dataset, device=device, model=model, loss_fn=loss_fn,
                          optimizer=optimizer, step=step, loader_options=loader_options,
-                         memory_cap=host_cap, gpu_memory_cap=gpu_cap, clock=clock, sync=sync)
+                         memory_cap=host_cap, gpu_memory_cap=gpu_cap, clock=clock, sync=sync,
+                         cpu_root=cpu_root)
 
 
 def _study(state: SearchState, model: PipelineModel, *, seed: int, storage: str | None,
@@ -447,8 +451,14 @@ def _study(state: SearchState, model: PipelineModel, *, seed: int, storage: str 
 
 
 def _remembered(parts: dict[str, Any], channel: Channel | None) -> TuneResult | None:
-    """The cached result, if any; in a job rank 0 decides for all (their caches can differ)."""
+    """The cached result, if any; in a job rank 0 decides for all (their caches can differ).
+
+    A result measured on a busy machine is never handed back: its rates were the loader's
+    share of a machine it did not have to itself. The run measures again, and its result
+    replaces the busy one."""
     found = load_cached(parts) if channel is None or channel.world.leader else None
+    if found is not None and found.busy:
+        found = None
     if channel is None:
         return found
     payload = channel.broadcast(None if found is None else found.to_json())
