@@ -28,6 +28,17 @@ def own_cache(tmp_path_factory, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(request, monkeypatch) -> None:
+    """Windows read no other process's load, unless a test asks for the real reading
+    (``@pytest.mark.machine_load``): the suite must give the same answers on a busy machine
+    (CI's, a developer's beside a build) as on a quiet one."""
+    if request.node.get_closest_marker("machine_load") is None:
+        import autoload.cpuload
+
+        monkeypatch.setattr(autoload.cpuload, "read", lambda root=None: None)
+
+
 @pytest.fixture
 def restore_sys_path() -> Iterator[None]:
     """The importer puts the working directory on sys.path for a module name: take it off."""

@@ -74,7 +74,7 @@ class Alarm:
         now = time.monotonic()
         if self._hard is not None and now >= self._hard:
             self._hard = None
-            raise TrialTimeout(f"the trial ran past its {self._hard_seconds:.0f} s deadline")
+            raise TrialTimeout(f"the trial ran past its {self._hard_seconds:.3g} s deadline")
         if self._soft is not None and now >= self._soft:
             self._soft = None
             self._arm()

@@ -62,9 +62,15 @@ class Budget:
         """The budget itself, margin included: the last moment anything may run."""
         return math.inf if self.seconds is None else self.start + self.seconds
 
-    def deadline(self, wanted: float) -> float:
-        """A measurement's hard deadline from now: ``wanted`` seconds, but never past the
+    def deadline(self, wanted: float, *, at_least: float) -> float:
+        """A measurement's hard deadline from now: ``wanted`` seconds, but not past the
         budget's own end, so that a hang (a data set that stops answering) costs what is left
-        of the budget at most and the run ends on time. At least a millisecond: an alarm
-        needs a positive delay."""
-        return max(min(wanted, self.hard_end() - self.clock()), 1e-3)
+        of the budget and the run ends on time; yet ``at_least`` (what one window needs), so
+        that a measurement begun near the end is not failed for want of time it was planned.
+
+        Example:
+            >>> budget = Budget(60.0, start=0.0, clock=lambda: 50.0)
+            >>> budget.deadline(20.0, at_least=1.0), budget.deadline(20.0, at_least=12.0)
+            (10.0, 12.0)
+        """
+        return min(wanted, max(self.hard_end() - self.clock(), at_least))

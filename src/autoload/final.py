@@ -75,6 +75,7 @@ class _Remeasure:
         self.results: dict[LoaderConfig, list[Measurement]] = {c: [] for c in finalists}
         self.faulted: dict[LoaderConfig, str] = {}  # why each finalist that faulted did
         self.behind: set[LoaderConfig] = set()
+        self.late_fault = False  # a window faulted after the deadline
         self.done = 0
         self.total = rounds * len(finalists)  # measurements planned, revised as it goes
 
@@ -105,12 +106,13 @@ class _Remeasure:
         limit = self.seconds + 2 * state.overhead(config) + 0.5
         if state.budget.limited:
             left = self.left() - state.overhead(config)
-            if (self.results[config] and left < self.seconds) or self.left() <= 0:
+            if (self.results[config] and left < self.seconds) or self._out_of_time():
                 self.total -= 1
                 return  # out of time: keep the rates measured so far
             limit = min(limit, max(self.seconds / 2, left))
         window = Window(seconds=self.seconds,
-                        deadline=state.budget.deadline(state.window.deadline),
+                        deadline=state.budget.deadline(
+                            state.window.deadline, at_least=state.min_deadline(self.seconds)),
                         min_batches=_FINAL_MIN_BATCHES, time_limit=limit)
         try:
             measurement = state.probe.measure(config, window)
@@ -120,6 +122,7 @@ class _Remeasure:
             raise
         except Exception as exc:  # a finalist that faults now is out, whatever it did before
             self.faulted[config] = fault_reason(exc)
+            self.late_fault = self.late_fault or self.left() <= 0
             self.total -= max(0, self.rounds - r - 1)
         self.done += 1
         if state.progress is not None:
@@ -129,6 +132,11 @@ class _Remeasure:
                 phase="final", done=self.done, total=self.total,
                 elapsed=state.budget.elapsed(), budget=state.budget.seconds,
                 best=best[0], best_config=best[1]))
+
+    def _out_of_time(self) -> bool:
+        """Past the deadline only a first rate is still worth a window (a result needs one),
+        and only until a window has faulted there (a hang must not take one per finalist)."""
+        return self.left() <= 0 and (any(self.results.values()) or self.late_fault)
 
     def _drop_behind(self, active: list[LoaderConfig], rounds_done: int) -> None:
         measured = {c: self.results[c] for c in active

@@ -112,7 +112,7 @@ class SearchState:
             self.window,
             abandon_below=None if best is None else _ABANDON_BELOW * best.samples_per_second,
             time_limit=self._trial_time_limit(),
-            deadline=self.budget.deadline(self.window.deadline),
+            deadline=self.budget.deadline(self.window.deadline, at_least=self.min_deadline()),
         )
         try:
             m = self.probe.measure(config, window)
@@ -176,6 +176,11 @@ class SearchState:
         if self.budget.limited:
             limit = min(limit, max(self.window.seconds, self.budget.search_left()))
         return limit
+
+    def min_deadline(self, seconds: float | None = None) -> float:
+        """The least hard deadline a measurement of ``seconds`` (a search window's by default)
+        gets near the budget's end: its window twice, and the start-up a probe has taken."""
+        return 2 * (seconds or self.window.seconds) + max(self.overhead(), _OVERHEAD_GUESS)
 
     def overhead(self, config: LoaderConfig | None = None) -> float:
         """Seconds a probe of ``config`` spends outside its window (the median, if unknown)."""
