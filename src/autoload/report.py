@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -187,24 +188,78 @@ def _bound_lines(result: TuneResult) -> list[str]:
     return lines
 
 
-def render_cache(found: list[tuple[Path, dict[str, Any] | None]], folder: Path) -> Table:
-    """The cached results (``autoload cache list``), one row a file."""
-    table = Table(title=f"Cached results in {folder}", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
-    for column in ("file", "data", "model", "device", "winner", "samples/s"):
-        table.add_column(column, overflow="fold")
+def render_cache(found: list[tuple[Path, dict[str, Any] | None]],
+                 folder: Path) -> RenderableType:
+    """The cached results (``autoload cache list``), one row a file; the id is what
+    ``autoload show`` takes."""
+    rows = []
     for path, data in found:
         if data is None or "config" not in data:
-            table.add_row(path.name, "(unreadable)", "", "", "", "")
+            rows.append({"id": path.stem[:12], "stored": "", "data": "(unreadable)"})
             continue
         parts = (data.get("cache") or {}).get("fingerprint") or {}
         model = (parts.get("model") or {}).get("class") or "-"
         kind = (parts.get("data") or {}).get("type", "?")
-        table.add_row(path.name[:12], str(kind).split(".")[-1],
-                      str(model).split(".")[-1], str(data.get("device")),
-                      LoaderConfig.from_dict(data["config"]).label(),
-                      _rate(float(data.get("samples_per_second") or 0)))
-    return table
+        rows.append({
+            "id": path.stem[:12], "stored": _stored((data.get("cache") or {}).get("stored")),
+            "data": str(kind).split(".")[-1], "model": str(model).split(".")[-1],
+            "device": str(data.get("device")),
+            "winner": LoaderConfig.from_dict(data["config"]).label(),
+            "samples/s": _rate(float(data.get("samples_per_second") or 0)),
+        })
+    return _Fitted(f"Cached results in {folder}", rows,
+                   required=("id", "stored", "data", "winner", "samples/s"),
+                   optional=("model", "device"), shrink="data")
+
+
+def _stored(when: Any) -> str:
+    """The day an entry was stored, in the local zone."""
+    try:
+        return datetime.fromisoformat(str(when)).astimezone().strftime("%Y-%m-%d")
+    except ValueError:
+        return "-"
+
+
+class _Fitted:
+    """A table fitted to the width rich gives it, no cell ever wrapped: the ``required``
+    columns always, each ``optional`` one (most useful first) only if it fits, and when even
+    the required ones do not, the ``shrink`` column's cells cut short with an ellipsis."""
+
+    def __init__(self, title: str, rows: list[dict[str, str]], *, required: tuple[str, ...],
+                 optional: tuple[str, ...], shrink: str) -> None:
+        self.title, self.rows, self.required, self.optional = title, rows, required, optional
+        self.shrink = shrink
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        wide = options.update_width(10 * options.max_width + 1000)
+
+        def fits(table: Table) -> bool:
+            return Measurement.get(console, wide, table).maximum <= options.max_width
+
+        kept = list(self.required)
+        for name in self.optional:
+            if fits(self._table([*kept, name])):
+                kept.append(name)
+        order = [name for name in (*self.required, *self.optional) if name in kept]
+        longest = max((len(row.get(self.shrink, "")) for row in self.rows), default=0)
+        cut = next((n for n in range(longest, 3, -1) if fits(self._table(order, n))), 4)
+        yield self._table(order, cut)
+
+    def _table(self, order: list[str], cut: int | None = None) -> Table:
+        table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False, padding=(0, 1, 0, 0))
+        for name in order:
+            table.add_column(name, justify="right" if name == "samples/s" else "left",
+                             no_wrap=True)
+        for row in self.rows:
+            cells = []
+            for name in order:
+                cell = row.get(name, "")
+                if name == self.shrink and cut is not None and len(cell) > cut:
+                    cell = cell[:cut - 1] + "…"
+                cells.append(cell)
+            table.add_row(*cells)
+        return table
 
 
 class LiveProgress:

@@ -35,6 +35,30 @@ def costs_from_dict(data: dict[str, Any] | None) -> Costs | None:
     return None if data is None else Costs(**data)
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that no reader ever sees half of it: into a temporary file
+    of its own in the same folder (a unique name, so writers on several processes or machines
+    sharing the folder never write into each other's), then renamed over ``path``. The last
+    rename wins; a failed write leaves no temporary file behind.
+
+    Raises:
+        OSError: The folder is missing or not writable.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; match a plain open()
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @dataclass(frozen=True, kw_only=True)
 class Measurement:
     """What one probe saw.
@@ -362,22 +386,10 @@ class TuneResult:
         """Write the JSON atomically: a crash never leaves a half-written file."""
         path = Path(path)
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            write_atomically(path, self.to_json())
         except OSError as exc:
             raise ResultFileError(f"cannot write {str(path)!r}: {exc.strerror}; check that its "
                                   "folder exists and is writable.") from exc
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; match a plain open()
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TuneResult:

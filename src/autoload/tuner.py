@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -137,6 +138,7 @@ def tune(
     sharded: bool = False,
     keep_batch_size: bool = False,
     cache: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
     storage: str | None = None,
     study_name: str | None = None,
     seed: int = 0,
@@ -191,6 +193,9 @@ def tune(
         cache: Return a remembered result for the same machine, data, model and options at
             once (``result.cached`` says where from), and remember this one; see
             :mod:`autoload.cache`. Off with a ``probe`` of the caller's.
+        cache_dir: The folder results are remembered in; default ``$AUTOLOAD_CACHE_DIR``, else
+            the platform's cache folder. A folder the nodes of a cluster share lets the nodes
+            of one kind tune once.
         storage: An Optuna storage URL (e.g. ``"sqlite:///autoload.db"``) to keep the study.
         study_name: The study's name in ``storage`` (resumed when it exists).
         seed: Seed of the TPE sampler.
@@ -246,7 +251,7 @@ def tune(
         parts = _fingerprint(given, model=model, loss_fn=loss_fn, world=world, bounds={
             **space_args, "sharded": sharded, "keep_batch_size": keep_batch_size,
             "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap})
-        remembered = _remembered(parts, channel)
+        remembered = _remembered(parts, channel, cache_dir)
         if remembered is not None:
             return remembered
     if probe is None:
@@ -273,7 +278,7 @@ def tune(
     if isinstance(probe, DistributedProbe):
         probe.finish(result.to_json())
     if parts is not None:
-        store_cached(parts, result)
+        store_cached(parts, result, cache_dir)
     return result
 
 
@@ -446,9 +451,10 @@ def _study(state: SearchState, model: PipelineModel, *, seed: int, storage: str 
     )
 
 
-def _remembered(parts: dict[str, Any], channel: Channel | None) -> TuneResult | None:
+def _remembered(parts: dict[str, Any], channel: Channel | None,
+                folder: str | os.PathLike[str] | None) -> TuneResult | None:
     """The cached result, if any; in a job rank 0 decides for all (their caches can differ)."""
-    found = load_cached(parts) if channel is None or channel.world.leader else None
+    found = load_cached(parts, folder) if channel is None or channel.world.leader else None
     if channel is None:
         return found
     payload = channel.broadcast(None if found is None else found.to_json())
