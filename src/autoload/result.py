@@ -221,7 +221,9 @@ class TuneResult:
         config: The winning configuration.
         loader_kwargs: The winner's DataLoader kwargs, JSON-able, ready for
             ``autoload.DataLoader(dataset, **loader_options, **loader_kwargs)`` (the loader
-            measured; torch's own takes them too).
+            measured; torch's own takes them too). When tuned from a DataLoader that shuffled,
+            they hold ``shuffle=True`` too, so that they build what :func:`best_loader` builds
+            (a sampler, collate_fn or worker_init_fn of yours is not JSON: pass it again).
         amp: Autocast dtype for the training step (``None``, ``"bfloat16"`` or ``"float16"``).
         samples_per_second: The winner's median rate in the final side-by-side re-measure.
         baselines: Median rates of PyTorch's defaults and the hand-tuned recipe, by name

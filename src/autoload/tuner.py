@@ -272,7 +272,8 @@ def tune(
                    seed=seed, storage=storage, study_name=study_name, device=str(given.device),
                    widen=num_workers is None and max_workers is None,
                    ranks=1 if world is None else world.size)
-    result = replace(result, reference_batch_size=given.source.batch_size,
+    result = replace(result, loader_kwargs={**result.loader_kwargs, **given.kept},
+                     reference_batch_size=given.source.batch_size,
                      optimizer=None if model is None else type(probe_optimizer(
                          probe, given.optimizer)).__name__)
     if isinstance(probe, DistributedProbe):
@@ -293,13 +294,15 @@ class _Given:
     optimizer: torch.optim.Optimizer | None
     n: int | None
     device: torch.device
+    kept: dict[str, Any]  # what the user's own DataLoader set that loader_kwargs must carry
 
 
 def _resolve(dataset: Any, world: World | None, *, model: nn.Module | None,
              loss_fn: LossFn | None, optimizer: torch.optim.Optimizer | None,
              step: StepFn | None, device: str | torch.device,
              loader_options: Mapping[str, Any] | None, **limits: Any) -> _Given:
-    source = shard(resolve(dataset), world)
+    unsharded = resolve(dataset)
+    source = shard(unsharded, world)
     _check_arguments(dict(loader_options or {}), model=model, optimizer=optimizer,
                      loss_fn=loss_fn, step=step, **limits)
     options = {**source.loader_options, **dict(loader_options or {})}
@@ -307,9 +310,13 @@ def _resolve(dataset: Any, world: World | None, *, model: nn.Module | None,
         step = lightning_step(model)
         if step is not None and optimizer is None:
             optimizer = lightning_optimizer(model)
+    # The user's loader shuffled: result.loader_kwargs says so too, so that
+    # DataLoader(dataset, **result.loader_kwargs) shuffles as best_loader's loader does. Only
+    # the loader's own: options passed as loader_options the caller passes again.
+    kept = {"shuffle": True} if unsharded.loader_options.get("shuffle") else {}
     return _Given(source=source, loader_options=options, step=step,
                   optimizer=optimizer, n=_samples_per_epoch(source.dataset, options),
-                  device=_resolve_device(device, model))
+                  device=_resolve_device(device, model), kept=kept)
 
 
 def _fingerprint(given: _Given, *, model: nn.Module | None, loss_fn: LossFn | None,
