@@ -90,8 +90,10 @@ class _Finalists:
             "wait": [_pct(f.data_wait_fraction) for f in finalists],
             "": [_tag(f, result) for f in finalists],
         }
-        if not any(f.predicted for f in finalists):
+        if not any(f.predicted for f in finalists) or not _prediction_trusted(result):
             del columns["predicted"]
+        if all(f.data_wait_fraction is None for f in finalists):
+            del columns["wait"]
         if not any(f.peak_gpu_bytes for f in finalists):
             del columns["GPU mem"]
         return columns
@@ -127,6 +129,27 @@ class _Finalists:
             table.add_row(*(columns[name][i] for name in order),
                           style="bold" if f.config == self.result.config else None)
         return table
+
+
+def _prediction_trusted(result: TuneResult) -> bool:
+    """Whether the pipeline model's figures can be shown: it predicted the winner within 2x
+    of what the winner measured (else the machine was busier than when it was calibrated, or
+    it did not fit this pipeline, and its other figures are no better)."""
+    predicted, measured = result.winner.predicted, result.winner.median
+    return predicted is not None and measured > 0 and 0.5 <= predicted / measured <= 2
+
+
+def _prediction_lines(result: TuneResult) -> list[str]:
+    if not any(f.predicted for f in result.finalists) or _prediction_trusted(result):
+        return []
+    predicted = result.winner.predicted
+    if predicted is None:
+        return ["the pipeline model had no prediction for the winner (it was not fitted to "
+                "it), so its predictions are left out"]
+    return [f"the pipeline model predicted {_rate(predicted)} samples/s for the winner, which "
+            f"measured {_rate(result.winner.median)}: off by more than 2x (the machine was "
+            "busier or quieter than when the model was calibrated, or the model does not fit "
+            "this pipeline), so its predictions and its bound are left out"]
 
 
 def _tag(f: FinalistRecord, result: TuneResult) -> str:
@@ -166,8 +189,9 @@ def _lines(result: TuneResult) -> list[str]:
 def _bound_lines(result: TuneResult) -> list[str]:
     """What bounds the winner: the model's view, and the step alone as an upper bound unless
     the measurement has broken it (then it is not one)."""
-    lines = []
-    if result.limit:
+    lines = _prediction_lines(result)
+    if result.limit and (_prediction_trusted(result)
+                         or not any(f.predicted for f in result.finalists)):
         lines.append(f"bound: the pipeline model expects the winner to be bound by "
                      f"{result.limit}")
     if result.step_rate:
