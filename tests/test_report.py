@@ -237,3 +237,26 @@ def test_the_wait_column_is_left_out_when_no_finalist_measured_it(clock):
     wide = Console(file=io.StringIO(), width=140, color_system=None)
     wide.print(render_report(make_result()))
     assert " wait " in wide.file.getvalue() and "5%" in wide.file.getvalue()
+
+
+def test_the_speed_up_is_split_into_the_loader_alone_and_what_changes_training():
+    config = replace(WINNER, batch_size=240, amp="bfloat16")
+    finalists = ((FinalistRecord(config=config, rates=(5250.0,)),)
+                 + make_result().finalists[1:])  # the recipe, at the defaults' 64: 1,500/s
+    result = make_result(config=config, loader_kwargs=config.loader_kwargs(), amp="bfloat16",
+                         samples_per_second=5250.0, finalists=finalists)
+    text = render(result)
+    assert "5.25x faster than PyTorch defaults" in text
+    assert f"the loader settings alone give 1.50x ({RECIPE.label()}: no change to training)" \
+        in text
+    assert "batch size 64 -> 240 and bfloat16 autocast add 3.50x" in text
+    assert "the loader settings alone" not in render(make_result(config=RECIPE))
+
+
+def test_batch_size_advice_without_the_users_batch_size_compares_with_the_defaults_and_says_so():
+    text = render(make_result(optimizer="SGD"))
+    assert "the batch size you train at is unknown" in text
+    assert "compares with the defaults' batch size: batch size 64 -> 48" in " ".join(
+        text.split())
+    known = render(make_result(optimizer="SGD", reference_batch_size=96))
+    assert "unknown" not in known and "batch size 96 -> 48" in known

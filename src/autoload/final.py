@@ -200,7 +200,8 @@ def _records(finalists: dict[LoaderConfig, set[str]],
     for config, ms in measured.items():
         roles = finalists[config]
         role: Role = ("defaults" if "defaults" in roles else
-                      "recipe" if "recipe" in roles else "candidate")
+                      "recipe" if "recipe" in roles else
+                      "loader-only" if "loader-only" in roles else "candidate")
         prediction = None if model is None else model.predict(config)
         records[config] = FinalistRecord(
             config=config, rates=tuple(m.samples_per_second for m in ms), role=role,
@@ -272,7 +273,7 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
         # At num_workers=0 every wait is the main process fetching and collating.
         fetch_rate = pilot.samples_per_second / pilot.data_wait_fraction
     baselines = {role: f.median for f in records.values() for role in finalists[f.config]
-                 if role != "candidate"}
+                 if role in ("defaults", "recipe")}
     prediction = None if model is None else model.predict(winner.config)
     return TuneResult(
         config=winner.config, loader_kwargs=winner.config.loader_kwargs(), amp=winner.config.amp,

@@ -169,6 +169,8 @@ def _lines(result: TuneResult) -> list[str]:
         elif speedup is not None:
             lines.append(f"{speedup:.2f}x faster than {label} "
                          f"({_rate(result.baselines[name])} samples/s)")
+            if name == "defaults":
+                lines += _split_lines(result)
     bad = Counter((t.state, t.reason) for t in result.trials if t.state in ("infeasible", "failed"))
     if bad:
         lines.append(f"{_count(sum(bad.values()), 'trial')} infeasible or failed:")
@@ -184,6 +186,25 @@ def _lines(result: TuneResult) -> list[str]:
     if result.config.drop_last and n is not None:
         lines.append(f"drop_last: each epoch drops {result.dropped_per_epoch} of {n} samples")
     return lines + result.batch_size_advice() + list(result.notes)
+
+
+def _split_lines(result: TuneResult) -> list[str]:
+    """The speed-up over the defaults split: what the loader's settings give alone (nothing
+    in training changes), and what a new batch size and autocast (which change training) add."""
+    defaults, alone = result.baselines.get("defaults"), result.loader_only()
+    if not defaults or alone is None or alone.config == result.config or not alone.median:
+        return []
+    changes = []
+    if result.config.batch_size != alone.config.batch_size:
+        changes.append(f"batch size {alone.config.batch_size} -> {result.config.batch_size}")
+    if result.amp is not None:
+        changes.append(f"{result.amp} autocast")
+    if not changes:
+        return []
+    return [f"  the loader settings alone give {alone.median / defaults:.2f}x "
+            f"({alone.config.label()}: no change to training)",
+            f"  {' and '.join(changes)} add {result.samples_per_second / alone.median:.2f}x, "
+            "and change training (see below)"]
 
 
 def _bound_lines(result: TuneResult) -> list[str]:

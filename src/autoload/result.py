@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 TrialState = Literal["ok", "infeasible", "failed", "repeat"]
-Role = Literal["candidate", "defaults", "recipe"]
+Role = Literal["candidate", "defaults", "recipe", "loader-only"]
 FORMAT_VERSION = 1
 
 
@@ -35,16 +35,23 @@ def costs_from_dict(data: dict[str, Any] | None) -> Costs | None:
     return None if data is None else Costs(**data)
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str, *,
+                     unwritable: Callable[[OSError], Exception] | None = None) -> None:
     """Write ``text`` to ``path`` so that no reader ever sees half of it: into a temporary file
     of its own in the same folder (a unique name, so writers on several processes or machines
     sharing the folder never write into each other's), then renamed over ``path``. The last
     rename wins; a failed write leaves no temporary file behind.
 
     Raises:
-        OSError: The folder is missing or not writable.
+        OSError: The folder is missing or not writable (or what ``unwritable`` makes of that
+            error), or the write or the rename failed.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if unwritable is None:
+            raise
+        raise unwritable(exc) from exc
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -136,7 +143,9 @@ class TrialRecord:
 @dataclass(frozen=True, kw_only=True)
 class FinalistRecord:
     """A configuration re-measured side by side with the others at the end of the search;
-    ``predicted`` is the pipeline model's rate for it, when it had one."""
+    ``predicted`` is the pipeline model's rate for it, when it had one. ``role``: one of the
+    best few (``candidate``), a baseline (``defaults``, ``recipe``), or the best that changes
+    nothing in training (``loader-only``: the defaults' batch size, no autocast)."""
 
     config: LoaderConfig
     rates: tuple[float, ...]
@@ -242,7 +251,9 @@ class TuneResult:
             (coefficient of variation), as estimated during the search.
         limit: What the pipeline model says bounds the winner (e.g. ``"the training step"``,
             ``"the CPU cores"``, ``"each epoch's start"``), when it had costs to model.
-        reference_batch_size: The batch size the user trained at (their DataLoader's), if known.
+        reference_batch_size: The batch size the user trains at (their DataLoader's, or the one
+            they pinned), if known; the batch-size advice is given against it (else against
+            the defaults', and says so).
         optimizer: The optimizer's class name, when a model was trained.
         cached: Where this result was read from, when it came from the cache (not saved).
     """
@@ -283,17 +294,35 @@ class TuneResult:
         n = self.samples_per_epoch
         return n % self.config.batch_size if n is not None and self.config.drop_last else 0
 
+    def loader_only(self) -> FinalistRecord | None:
+        """The fastest finalist that changes nothing in training: at the defaults' batch size,
+        without autocast (the defaults themselves at least); ``None`` without the defaults."""
+        defaults = next((f for f in self.finalists if f.role == "defaults"), None)
+        if defaults is None:
+            return None
+        same = [f for f in self.finalists if f.config.amp is None
+                and f.config.batch_size == defaults.config.batch_size
+                and f.config.drop_last == defaults.config.drop_last]
+        return max(same, key=lambda f: f.median)
+
     def batch_size_advice(self) -> list[str]:
         """How to keep training equivalent when the tuned batch size is not the one trained at
         (the learning rate's scaling, or gradient accumulation), and what autocast asks of the
-        training loop when it won; plain sentences, empty when there is nothing to say."""
+        training loop when it won; plain sentences, empty when there is nothing to say. Without
+        the batch size the user trains at, the defaults' stands in for it, said as such."""
         lines = []
         ref, tuned, n = self.reference_batch_size, self.config.batch_size, self.samples_per_epoch
+        assumed = ""
+        if ref is None:
+            defaults = next((f for f in self.finalists if f.role == "defaults"), None)
+            ref = None if defaults is None else defaults.config.batch_size
+            assumed = ("the batch size you train at is unknown (pass your DataLoader, or "
+                       "batch_size=), so this compares with the defaults' batch size: ")
         if ref and ref != tuned:
             steps = (f" ({-(-n // ref):,} steps an epoch become {-(-n // tuned):,})"
                      if n else "")
-            lines.append(f"batch size {ref} -> {tuned}{steps}: " + _lr_rule(tuned / ref,
-                                                                           self.optimizer))
+            lines.append(f"{assumed}batch size {ref} -> {tuned}{steps}: "
+                         + _lr_rule(tuned / ref, self.optimizer))
             if tuned < ref and ref % tuned == 0:
                 k = ref // tuned
                 lines.append(f"or keep an effective batch of {ref}: accumulate gradients over "
@@ -387,11 +416,9 @@ class TuneResult:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON atomically: a crash never leaves a half-written file."""
         path = Path(path)
-        try:
-            write_atomically(path, self.to_json())
-        except OSError as exc:
-            raise ResultFileError(f"cannot write {str(path)!r}: {exc.strerror}; check that its "
-                                  "folder exists and is writable.") from exc
+        write_atomically(path, self.to_json(), unwritable=lambda exc: ResultFileError(
+            f"cannot write {str(path)!r}: {exc.strerror}; check that its folder exists and is "
+            "writable."))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TuneResult:

@@ -273,7 +273,8 @@ def tune(
                    widen=num_workers is None and max_workers is None,
                    ranks=1 if world is None else world.size)
     result = replace(result, loader_kwargs={**result.loader_kwargs, **given.kept},
-                     reference_batch_size=given.source.batch_size,
+                     reference_batch_size=given.source.batch_size or (
+                         batch_size if isinstance(batch_size, int) else None),
                      optimizer=None if model is None else type(probe_optimizer(
                          probe, given.optimizer)).__name__)
     if isinstance(probe, DistributedProbe):
