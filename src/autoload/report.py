@@ -39,7 +39,7 @@ def _pct(x: float | None) -> str:
 def snippet(result: TuneResult) -> str:
     """The winning settings as copy-pasteable Python."""
     lines = ["loader = autoload.DataLoader(", "    dataset,"]
-    lines += [f"    {k}={v!r}," for k, v in result.loader_kwargs.items()]
+    lines += [f"    {k}={v!r}," for k, v in result.dataloader_kwargs.items()]
     lines.append(")")
     if result.amp is not None:
         device_type = result.device.split(":")[0]

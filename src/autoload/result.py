@@ -24,7 +24,7 @@ __all__ = [
 
 TrialState = Literal["ok", "infeasible", "failed", "repeat"]
 Role = Literal["candidate", "defaults", "recipe", "loader-only"]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added loader_options; 1 is read as without them
 
 
 def costs_to_dict(costs: Costs | None) -> dict[str, Any] | None:
@@ -230,9 +230,10 @@ class TuneResult:
         config: The winning configuration.
         loader_kwargs: The winner's DataLoader kwargs, JSON-able, ready for
             ``autoload.DataLoader(dataset, **loader_options, **loader_kwargs)`` (the loader
-            measured; torch's own takes them too). When tuned from a DataLoader that shuffled,
-            they hold ``shuffle=True`` too, so that they build what :func:`best_loader` builds
-            (a sampler, collate_fn or worker_init_fn of yours is not JSON: pass it again).
+            measured; torch's own takes them too): the tuned keys only.
+        loader_options: The JSON-able options of the user's own DataLoader that the tuned
+            loader keeps (``{"shuffle": True}`` when it shuffled); see
+            :attr:`dataloader_kwargs`.
         amp: Autocast dtype for the training step (``None``, ``"bfloat16"`` or ``"float16"``).
         samples_per_second: The winner's median rate in the final side-by-side re-measure.
         baselines: Median rates of PyTorch's defaults and the hand-tuned recipe, by name
@@ -276,7 +277,16 @@ class TuneResult:
     limit: str | None = None
     reference_batch_size: int | None = None
     optimizer: str | None = None
+    loader_options: dict[str, Any] = field(default_factory=dict)
     cached: str | None = None
+
+    @property
+    def dataloader_kwargs(self) -> dict[str, Any]:
+        """What rebuilds the loader :func:`best_loader` builds:
+        ``autoload.DataLoader(dataset, **result.dataloader_kwargs)`` (your loader's
+        ``shuffle`` with the tuned keys; a sampler, collate_fn or worker_init_fn of yours is
+        not JSON: pass it beside them)."""
+        return {**self.loader_options, **self.loader_kwargs}
 
     @property
     def bound(self) -> Literal["data loading", "training step"]:
@@ -372,6 +382,7 @@ class TuneResult:
             "limit": self.limit,
             "reference_batch_size": self.reference_batch_size,
             "optimizer": self.optimizer,
+            "loader_options": self.loader_options,
             "format_version": FORMAT_VERSION,
         }
         return json.dumps(data, indent=indent)
@@ -385,7 +396,7 @@ class TuneResult:
         """
         try:
             data = json.loads(text)
-            if data.get("format_version") != FORMAT_VERSION:
+            if data.get("format_version") not in (1, FORMAT_VERSION):
                 raise ValueError(f"format_version {data.get('format_version')!r} is unknown")
             return cls(
                 config=LoaderConfig.from_dict(data["config"]),
@@ -406,6 +417,7 @@ class TuneResult:
                 limit=data.get("limit"),
                 reference_batch_size=data.get("reference_batch_size"),
                 optimizer=data.get("optimizer"),
+                loader_options=dict(data.get("loader_options") or {}),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ResultFileError(

@@ -272,7 +272,7 @@ def tune(
                    seed=seed, storage=storage, study_name=study_name, device=str(given.device),
                    widen=num_workers is None and max_workers is None,
                    ranks=1 if world is None else world.size)
-    result = replace(result, loader_kwargs={**result.loader_kwargs, **given.kept},
+    result = replace(result, loader_options=given.kept,
                      reference_batch_size=given.source.batch_size or (
                          batch_size if isinstance(batch_size, int) else None),
                      optimizer=None if model is None else type(probe_optimizer(
@@ -311,9 +311,9 @@ def _resolve(dataset: Any, world: World | None, *, model: nn.Module | None,
         step = lightning_step(model)
         if step is not None and optimizer is None:
             optimizer = lightning_optimizer(model)
-    # The user's loader shuffled: result.loader_kwargs says so too, so that
-    # DataLoader(dataset, **result.loader_kwargs) shuffles as best_loader's loader does. Only
-    # the loader's own: options passed as loader_options the caller passes again.
+    # The user's loader shuffled: result.dataloader_kwargs says so too, so that
+    # DataLoader(dataset, **result.dataloader_kwargs) shuffles as best_loader's loader does.
+    # Only the loader's own: options passed as loader_options the caller passes again.
     kept = {"shuffle": True} if unsharded.loader_options.get("shuffle") else {}
     return _Given(source=source, loader_options=options, step=step,
                   optimizer=optimizer, n=_samples_per_epoch(source.dataset, options),
