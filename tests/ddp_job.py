@@ -1,10 +1,12 @@
 """A two-rank job for tests/test_distributed.py, run by torchrun: a DDP-wrapped model tuned on
 every rank at once, then each rank's tuned loader read for two epochs.
 
-The test sets AUTOLOAD_TEST_OUT (a folder for each rank's JSON) and AUTOLOAD_TEST_DIE (a rank
-that exits mid-tuning, for the fault test).
+The test sets AUTOLOAD_TEST_OUT (a folder for each rank's JSON), AUTOLOAD_TEST_DIE (a rank
+that exits mid-tuning, for the fault test) and AUTOLOAD_TEST_CACHE (a cache folder: the result is
+remembered there; else nothing is cached).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import autoload  # noqa: E402
+import autoload.distributed  # noqa: E402
 
 from toydata import Indexed  # noqa: E402
 
@@ -52,7 +55,9 @@ def main() -> int:
     try:
         result = autoload.tune(data, model=net, loss_fn=nn.functional.cross_entropy,
                                timeout=float(os.environ.get("AUTOLOAD_TEST_TIMEOUT", 12)),
-                               max_workers=2, final_rounds=2, cache=False)
+                               max_workers=2, final_rounds=2,
+                               cache="AUTOLOAD_TEST_CACHE" in os.environ,
+                               cache_dir=os.environ.get("AUTOLOAD_TEST_CACHE"))
     except (autoload.AutoloadError, KeyboardInterrupt) as exc:
         print(f"autoload: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr,
               flush=True)
@@ -64,7 +69,8 @@ def main() -> int:
         epochs.append(torch.cat([x[:, 0] for x, _ in loader]).long().tolist())
     (out / f"rank{rank}.json").write_text(json.dumps(
         {"result": json.loads(result.to_json()), "epochs": epochs,
-         "sampler": type(loader.sampler).__name__}))
+         "sampler": type(loader.sampler).__name__,
+         "world": dataclasses.asdict(autoload.distributed.current_world())}))
     dist.destroy_process_group()
     return 0
 

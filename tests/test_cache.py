@@ -3,6 +3,11 @@ once, and says so; anything that changes the answer misses; a bad file never cra
 
 import io
 import json
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pytest
 import torch
@@ -82,3 +87,136 @@ def test_cli_lists_shows_and_clears_the_cache():
     out = io.StringIO()
     assert main(["cache", "clear"], console=Console(file=out, width=120)) == 0
     assert "removed 1 cached result" in out.getvalue() and not cache.entries()
+
+
+def _listing(*args, width=80):
+    out = io.StringIO()
+    assert main(["cache", "list", *args], console=Console(file=out, width=width)) == 0
+    return out.getvalue()
+
+
+def _ids(listing):
+    return [line.split()[0] for line in listing.splitlines()
+            if line.strip() and all(c in "0123456789abcdef" for c in line.split()[0])]
+
+
+def test_show_takes_the_id_cache_list_prints_or_a_shorter_prefix_of_it():
+    autoload.tune(Indexed(96), **FAST)
+    listing = _listing()
+    (entry, _), = cache.entries()
+    assert _ids(listing) == [entry.stem[:12]]
+    stored = datetime.fromtimestamp(entry.stat().st_mtime).strftime("%Y-%m-%d")
+    assert stored in listing and "Indexed" in listing
+    for ref in (entry.stem[:12], entry.stem[:5], json.loads(entry.read_text())["cache"]["key"]):
+        out = io.StringIO()
+        assert main(["show", ref], console=Console(file=out, width=100)) == 0, out.getvalue()
+        assert "Winning settings" in out.getvalue()
+
+
+def test_show_an_unknown_or_ambiguous_id_says_so_in_one_line(tmp_path):
+    autoload.tune(Indexed(96), cache_dir=tmp_path, **FAST)
+    (entry,) = tmp_path.glob("*.json")
+    entry.rename(tmp_path / f"abc1{entry.stem[4:]}.json")
+    (tmp_path / f"abc2{entry.stem[4:]}.json").write_text((tmp_path / f"abc1{entry.stem[4:]}.json")
+                                                         .read_text())
+    for ref, said in (("abc", "2 cached results' ids start with 'abc'"),
+                      ("abd", "no cached result's id starts with 'abd'"),
+                      ("no-such-file", "neither a result file nor a cache id")):
+        out = io.StringIO()
+        assert main(["show", ref, "--cache-dir", str(tmp_path)],
+                    console=Console(file=out, width=300)) == 2
+        assert said in out.getvalue() and len(out.getvalue().strip().splitlines()) == 1
+    out = io.StringIO()
+    assert main(["show", "abc2", "--cache-dir", str(tmp_path)],
+                console=Console(file=out, width=100)) == 0
+
+
+class ImageFolderWithHeavyAugmentationsAndCaching(Indexed):
+    pass
+
+
+def test_cache_list_fits_80_columns_without_wrapping_a_long_data_set_name():
+    autoload.tune(ImageFolderWithHeavyAugmentationsAndCaching(96), **FAST)
+    autoload.tune(Indexed(96), **FAST)
+    listing = _listing()
+    assert all(len(line) <= 80 for line in listing.splitlines())
+    rows = [line for line in listing.splitlines() if "bs=" in line]
+    assert len(rows) == 2 and len(_ids(listing)) == 2  # one line each, nothing wrapped
+    assert any("ImageFolder" in row and "…" in row for row in rows)
+    assert any(" Indexed " in row for row in rows)
+    wide = _listing(width=160)
+    assert "ImageFolderWithHeavyAugmentationsAndCaching" in wide and "…" not in wide
+
+
+def test_the_cache_folder_is_the_one_given_else_autoload_cache_dir(tmp_path, monkeypatch):
+    given, env = tmp_path / "given", tmp_path / "env"
+    autoload.tune(Indexed(96), cache_dir=given, **FAST)
+    assert len(list(given.glob("*.json"))) == 1 and not cache.entries()
+    assert autoload.tune(Indexed(96), cache_dir=given, **FAST).cached
+    monkeypatch.setenv(cache.ENV, str(env))
+    assert autoload.tune(Indexed(96), **FAST).cached is None
+    assert len(list(env.glob("*.json"))) == 1
+    assert autoload.tune(Indexed(96), **FAST).cached  # found in $AUTOLOAD_CACHE_DIR
+    monkeypatch.delenv(cache.ENV)
+    (entry,) = given.glob("*.json")
+    assert _ids(_listing("--cache-dir", str(given))) == [entry.stem[:12]]
+    assert "no cached results" in _listing()
+    out = io.StringIO()
+    assert main(["show", entry.stem[:12], "--cache-dir", str(given)],
+                console=Console(file=out, width=100)) == 0, out.getvalue()
+    out = io.StringIO()
+    assert main(["cache", "clear", "--cache-dir", str(given)],
+                console=Console(file=out, width=200)) == 0
+    assert "removed 1 cached result" in out.getvalue() and not list(given.glob("*"))
+
+
+def test_cli_tune_remembers_in_the_cache_dir_given(tmp_path):
+    folder = tmp_path / "shared"
+    out = io.StringIO()
+    code = main(["tune", "toydata:SMALL", "--timeout", "2", "--max-workers", "1", "--quiet",
+                 "--cache-dir", str(folder)], console=Console(file=out, width=100))
+    assert code == 0, out.getvalue()
+    assert len(list(folder.glob("*.json"))) == 1 and not cache.entries()
+
+
+def test_two_stores_of_one_key_that_finish_together_leave_one_whole_file(tmp_path, monkeypatch):
+    """Two processes (or two nodes sharing the folder, where process ids can be equal) write
+    the same entry at once: the second finishes while the first is between its write and its
+    rename."""
+    parts = cache.fingerprint(dataset=Indexed(8), model=None, step=None, loss_fn=None,
+                              optimizer=None, device="cpu", loader_options={}, bounds={})
+    result = autoload.tune(Indexed(96), cache=False, **FAST)
+    renamed = []
+    real_replace = os.replace
+
+    def replace_after_the_other(src, dst):
+        if not renamed:
+            renamed.append(dst)
+            assert cache.store(parts, result, tmp_path) is not None  # the other writer
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_the_other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.store(parts, result, tmp_path) is not None
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [renamed[0].name]
+    assert cache.load(parts, tmp_path).config == result.config
+
+
+def test_concurrent_stores_in_threads_leave_one_whole_file_and_no_temporary_ones(tmp_path):
+    parts = cache.fingerprint(dataset=Indexed(8), model=None, step=None, loss_fn=None,
+                              optimizer=None, device="cpu", loader_options={}, bounds={})
+    result = autoload.tune(Indexed(96), cache=False, **FAST)
+    start = threading.Barrier(8)
+
+    def store():
+        start.wait()
+        return cache.store(parts, result, tmp_path)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ThreadPoolExecutor(8) as pool:
+            stored = list(pool.map(lambda _: store(), range(8)))
+    assert all(stored) and len(list(tmp_path.iterdir())) == 1
+    assert cache.load(parts, tmp_path).config == result.config

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -67,3 +68,35 @@ def test_the_ddp_example_trains_with_the_tuned_loader_under_torchrun():
         timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "samples/s for the job" in proc.stdout and "epoch 1: train loss" in proc.stdout
+
+
+def test_one_job_as_two_nodes_agrees_plans_each_node_alone_and_keys_the_cache_by_the_world(
+        tmp_path):
+    """Two torchrun agents on this machine, one rank each, as two nodes of one job would run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shared = tmp_path / "shared-cache"
+    environment = {**os.environ, "AUTOLOAD_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1",
+                   "AUTOLOAD_TEST_TIMEOUT": "8", "AUTOLOAD_TEST_CACHE": str(shared)}
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         f"--node-rank={k}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+         f"--rdzv-conf=is_host={int(k == 0)}", "--rdzv-id=two-nodes", str(JOB)],
+        env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k in range(2)]
+    outputs = [agent.communicate(timeout=180) for agent in agents]
+    for agent, (_, err) in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, err[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["result"] == ranks[1]["result"]  # one answer
+    for r, rank in enumerate(ranks):  # each node holds one rank: its local world is its own
+        assert rank["world"] == {"rank": r, "size": 2, "local_rank": 0, "local_size": 1}
+    from autoload.space import usable_cpus
+
+    notes = " ".join(ranks[0]["result"]["notes"])
+    assert f"tuned for 2 ranks, 1 on this node: each rank's loader searched up to its share " \
+           f"of the CPUs ({usable_cpus()})" in notes  # the node's CPUs, not half of them
+    (entry,) = shared.glob("*.json")
+    assert json.loads(entry.read_text())["cache"]["fingerprint"]["world"] == {
+        "size": 2, "per_node": 1}

@@ -203,3 +203,60 @@ def test_the_finalists_table_fits_80_columns_without_folding_a_configuration():
     wide = io.StringIO()
     Console(file=wide, width=140, color_system=None).print(render_report(result))
     assert "host mem" in wide.getvalue() and "start" in wide.getvalue()
+
+
+def test_a_prediction_off_by_more_than_2x_on_the_winner_is_left_out_and_said():
+    finalists = tuple(replace(f, predicted=p) for f, p in
+                      zip(make_result().finalists, (211.0, 1400.0, 900.0), strict=True))
+    text = render(make_result(finalists=finalists, limit="the CPU cores"))
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("configuration"))
+    assert "samples/s" in header and "predicted" not in header
+    assert "1,400" not in text and "bound by the CPU cores" not in text
+    assert "predicted 211 samples/s for the winner, which measured 3,000" in text
+    assert "off by more than 2x" in text
+    unfitted = tuple(replace(f, predicted=p) for f, p in
+                     zip(make_result().finalists, (None, 1400.0, 900.0), strict=True))
+    text = render(make_result(finalists=unfitted))
+    assert "1,400" not in text and "no prediction for the winner" in text
+
+
+def test_the_wait_column_is_left_out_when_no_finalist_measured_it(clock):
+    from conftest import SurfaceProbe
+
+    class CutShort(SurfaceProbe):  # every window cut short: none measured its wait
+        def measure(self, config, window):
+            return replace(super().measure(config, window), cut_short=True,
+                           data_wait_fraction=0.0)
+
+    result = autoload.tune(TensorDataset(torch.zeros(240, 2)), probe=CutShort(clock),
+                           clock=clock, timeout=60, n_trials=8)
+    assert all(f.data_wait_fraction is None for f in result.finalists)
+    console = Console(file=io.StringIO(), width=140, color_system=None)
+    console.print(render_report(result))
+    assert "wait" not in console.file.getvalue()
+    wide = Console(file=io.StringIO(), width=140, color_system=None)
+    wide.print(render_report(make_result()))
+    assert " wait " in wide.file.getvalue() and "5%" in wide.file.getvalue()
+
+
+def test_the_speed_up_is_split_into_the_loader_alone_and_what_changes_training():
+    config = replace(WINNER, batch_size=240, amp="bfloat16")
+    finalists = ((FinalistRecord(config=config, rates=(5250.0,)),)
+                 + make_result().finalists[1:])  # the recipe, at the defaults' 64: 1,500/s
+    result = make_result(config=config, loader_kwargs=config.loader_kwargs(), amp="bfloat16",
+                         samples_per_second=5250.0, finalists=finalists)
+    text = render(result)
+    assert "5.25x faster than PyTorch defaults" in text
+    assert f"the loader settings alone give 1.50x ({RECIPE.label()}: no change to training)" \
+        in text
+    assert "batch size 64 -> 240 and bfloat16 autocast add 3.50x" in text
+    assert "the loader settings alone" not in render(make_result(config=RECIPE))
+
+
+def test_batch_size_advice_without_the_users_batch_size_compares_with_the_defaults_and_says_so():
+    text = render(make_result(optimizer="SGD"))
+    assert "the batch size you train at is unknown" in text
+    assert "compares with the defaults' batch size: batch size 64 -> 48" in " ".join(
+        text.split())
+    known = render(make_result(optimizer="SGD", reference_batch_size=96))
+    assert "unknown" not in known and "batch size 96 -> 48" in known

@@ -173,3 +173,12 @@ def test_epoch_seconds_and_winner():
     assert result.epoch_seconds() == pytest.approx(240 / 3000.0)
     assert make_result(samples_per_epoch=None).epoch_seconds() is None
     assert result.winner.median == 3000.0
+
+
+def test_a_version_1_result_without_loader_options_still_reads():
+    data = json.loads(make_result().to_json())
+    assert data["format_version"] == 2
+    data["format_version"] = 1
+    del data["loader_options"]
+    again = TuneResult.from_json(json.dumps(data))
+    assert again.loader_options == {} and again.dataloader_kwargs == again.loader_kwargs

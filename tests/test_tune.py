@@ -117,3 +117,22 @@ def test_best_loader_with_drop_last_reports_dropped_samples():
 def test_a_model_without_a_loss_on_pairs_is_a_one_line_error_naming_both_ways_out():
     with pytest.raises(autoload.DatasetError, match=r"loss_fn=, --loss\) or a step"):
         autoload.tune(Indexed(64), model=nn.Linear(4, 3), **FAST)
+
+
+def test_dataloader_kwargs_from_a_shuffling_loader_build_a_loader_that_shuffles_as_best_loader():
+    data = Indexed(96)
+    source = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
+    result = autoload.tune(source, timeout=2, max_workers=0, final_rounds=1)
+    assert result.dataloader_kwargs["shuffle"] is True
+    assert "shuffle" not in result.loader_kwargs  # DataLoader(..., shuffle=False, **it) works
+    mine = autoload.DataLoader(data, **result.dataloader_kwargs)
+    built = autoload.best_loader(source, result=result)
+    assert type(mine.sampler) is type(built.sampler) is torch.utils.data.RandomSampler
+    torch.manual_seed(0)
+    order = [int(x[0]) for batch, _ in mine for x in batch]
+    assert sorted(order) == list(range(96)) and order != list(range(96))
+    again = autoload.TuneResult.from_json(result.to_json())
+    assert again.dataloader_kwargs == result.dataloader_kwargs
+    plain = autoload.tune(torch.utils.data.DataLoader(data, batch_size=8), timeout=2,
+                          max_workers=0, final_rounds=1)
+    assert "shuffle" not in plain.dataloader_kwargs

@@ -323,3 +323,18 @@ def test_configurations_whose_epochs_start_for_several_windows_are_not_measured(
     starts = {t.config: probe.parts(t.config)["start"] for t in result.trials}
     assert max(starts.values()) <= 4.0, max(starts.items(), key=lambda kv: kv[1])
     assert probe.rate(result.config) >= 0.97 * probe.rate(best), (result.config, best)
+
+
+def test_the_finalists_hold_the_best_configuration_measured_that_changes_no_training(clock):
+    """The report splits the speed-up with it: the defaults' batch size, no autocast."""
+    result = autoload.tune(TensorDataset(torch.zeros(1024, 2)), probe=SurfaceProbe(clock),
+                           clock=clock, timeout=120)
+    defaults = next(f for f in result.finalists if f.role == "defaults")
+    alone = [t for t in result.trials if t.state == "ok" and t.config.amp is None
+             and t.config.batch_size == defaults.config.batch_size]
+    best = max(alone, key=lambda t: t.samples_per_second).config
+    assert any(f.config == best and f.role in ("loader-only", "recipe", "defaults")
+               for f in result.finalists)
+    assert result.loader_only() is not None and result.loader_only().config.amp is None
+    # what the split is for: the winner trains at another batch size
+    assert result.config.batch_size != defaults.config.batch_size

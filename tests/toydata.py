@@ -172,3 +172,6 @@ class EveryOther(torch.utils.data.Sampler):
 
     def __iter__(self):
         return iter([*range(0, self.n, 2), *range(1, self.n, 2)])
+
+
+SMALL = Indexed(96)  # for the CLI: `autoload tune toydata:SMALL`

@@ -5,7 +5,12 @@ autoload, the data set (type, length, the shapes, dtypes and bytes of a few samp
 model (class, parameter shapes), the step or loss, the optimizer's class, the fixed loader
 options and the search's bounds; nothing else (the budget, the seed and the progress callback
 do not change what is fastest). Each entry is the JSON that ``autoload show`` reads, with the
-key's parts beside it, in the platform's cache folder (``$XDG_CACHE_HOME/autoload`` on Linux).
+key's parts and the time it was stored beside it, in one folder: the one given
+(``tune(cache_dir=...)``, ``--cache-dir``), else ``$AUTOLOAD_CACHE_DIR``, else the platform's
+cache folder (``$XDG_CACHE_HOME/autoload`` on Linux). The folder may be shared (a cluster's
+file system, so that the nodes of one kind tune once): each write goes to a temporary file of
+its own in the folder and is renamed over the entry, so two processes that finish together
+leave one whole file.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import json
 import os
 import platform
 import random
+import string
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +34,31 @@ import psutil
 import torch
 
 from autoload.errors import ResultFileError
-from autoload.result import TuneResult
+from autoload.result import TuneResult, write_atomically
 from autoload.space import usable_cpus
 
-__all__ = ["CacheWarning", "cache_dir", "clear", "entries", "fingerprint", "load", "store"]
+__all__ = ["ENV", "CacheWarning", "cache_dir", "clear", "entries", "find", "fingerprint", "load",
+           "store"]
+
+ENV = "AUTOLOAD_CACHE_DIR"
+Folder = str | os.PathLike[str] | None
 
 class CacheWarning(UserWarning):
     """A cache file that could not be read was ignored."""
 
 
-def cache_dir() -> Path:
-    """Where results are remembered: the platform's user cache folder for autoload."""
+def cache_dir(folder: Folder = None) -> Path:
+    """Where results are remembered: ``folder`` when given, else ``$AUTOLOAD_CACHE_DIR`` when
+    set, else the platform's user cache folder for autoload.
+
+    Example:
+        >>> cache_dir("/shared/autoload")
+        PosixPath('/shared/autoload')
+    """
+    if folder is not None and str(folder):
+        return Path(folder).expanduser()
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV]).expanduser()
     return Path(platformdirs.user_cache_dir("autoload", appauthor=False))
 
 
@@ -138,14 +159,14 @@ def key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _path(digest: str) -> Path:
-    return cache_dir() / f"{digest[:32]}.json"
+def _path(digest: str, folder: Folder = None) -> Path:
+    return cache_dir(folder) / f"{digest[:32]}.json"
 
 
-def load(parts: Mapping[str, Any]) -> TuneResult | None:
+def load(parts: Mapping[str, Any], folder: Folder = None) -> TuneResult | None:
     """The remembered result for ``parts``, or ``None``. A file that is not an autoload result
     for this key is ignored with a :class:`CacheWarning`, never an error."""
-    path = _path(key(parts))
+    path = _path(key(parts), folder)
     if not path.is_file():
         return None
     try:
@@ -159,17 +180,18 @@ def load(parts: Mapping[str, Any]) -> TuneResult | None:
     return replace(result, cached=str(path))
 
 
-def store(parts: Mapping[str, Any], result: TuneResult) -> Path | None:
-    """Remember ``result`` under ``parts`` (atomically); ``None`` when the folder is not
-    writable (a cache is a convenience: the run has its result either way)."""
-    path = _path(key(parts))
+def store(parts: Mapping[str, Any], result: TuneResult, folder: Folder = None) -> Path | None:
+    """Remember ``result`` under ``parts`` (atomically: processes that store the same key at
+    once, on one machine or several sharing the folder, leave one whole file); ``None`` when
+    the folder is not writable (a cache is a convenience: the run has its result either
+    way)."""
+    path = _path(key(parts), folder)
     data = json.loads(result.to_json())
-    data["cache"] = {"key": key(parts), "fingerprint": dict(parts)}
+    data["cache"] = {"key": key(parts), "fingerprint": dict(parts),
+                     "stored": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(data, indent=2, default=str))
     except OSError as exc:
         warnings.warn(f"could not write the cache file {path}: {exc}", CacheWarning,
                       stacklevel=3)
@@ -177,21 +199,59 @@ def store(parts: Mapping[str, Any], result: TuneResult) -> Path | None:
     return path
 
 
-def entries() -> list[tuple[Path, dict[str, Any] | None]]:
-    """Every cache file, with its JSON (``None`` for one that cannot be read)."""
-    found = []
-    for path in sorted(cache_dir().glob("*.json")):
+def entries(folder: Folder = None) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Every cache file, with its JSON (``None`` for one that cannot be read); an entry
+    written before autoload recorded ``cache.stored`` gets the file's time instead."""
+    found: list[tuple[Path, dict[str, Any] | None]] = []
+    for path in sorted(cache_dir(folder).glob("*.json")):
         try:
-            found.append((path, json.loads(path.read_text())))
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and isinstance(data.get("cache"), dict):
+                data["cache"].setdefault("stored", datetime.fromtimestamp(
+                    path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"))
+            found.append((path, data))
         except (OSError, ValueError):
             found.append((path, None))
     return found
 
 
-def clear() -> int:
+def find(prefix: str, folder: Folder = None) -> Path:
+    """The cache file whose key starts with ``prefix`` (the id ``autoload cache list``
+    prints, or more or fewer of the key's hex digits).
+
+    Raises:
+        ResultFileError: No entry's key starts with ``prefix``, or more than one does.
+    """
+    wanted = prefix.strip().lower()
+    where = cache_dir(folder)
+    if not wanted or any(c not in string.hexdigits for c in wanted):
+        raise ResultFileError(f"{prefix!r} is neither a result file nor a cache id (hex digits, "
+                              "as `autoload cache list` prints them).")
+    found = [path for path in sorted(where.glob("*.json")) if _key_starts(path, wanted)]
+    if not found:
+        raise ResultFileError(f"no cached result's id starts with {wanted!r} in {str(where)!r}; "
+                              "`autoload cache list` shows the ids (--cache-dir picks another "
+                              "folder).")
+    if len(found) > 1:
+        raise ResultFileError(f"{len(found)} cached results' ids start with {wanted!r} in "
+                              f"{str(where)!r}; give more of the id.")
+    return found[0]
+
+
+def _key_starts(path: Path, prefix: str) -> bool:
+    if len(prefix) <= len(path.stem):
+        return path.stem.startswith(prefix)
+    try:  # longer than the file's name: the whole key is inside
+        data = json.loads(path.read_text())
+        return str((data.get("cache") or {}).get("key", "")).startswith(prefix)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def clear(folder: Folder = None) -> int:
     """Delete every cache file; how many there were."""
     count = 0
-    for path in cache_dir().glob("*.json"):
+    for path in cache_dir(folder).glob("*.json"):
         path.unlink(missing_ok=True)
         count += 1
     return count

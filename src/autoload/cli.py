@@ -85,6 +85,10 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_CACHE_DIR_HELP = (f"the folder results are remembered in (default ${cache.ENV}, else "
+                   "~/.cache/autoload); a shared one lets a cluster's nodes tune once")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autoload", description="Find the fastest DataLoader settings.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -123,15 +127,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="tune everything else at your DataLoader's batch size")
     t.add_argument("--no-cache", action="store_true",
                    help="measure again even when a result for the same setting is cached")
+    t.add_argument("--cache-dir", metavar="DIR", help=_CACHE_DIR_HELP)
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")
     t.add_argument("--storage", metavar="URL", help="Optuna storage, e.g. sqlite:///autoload.db")
     t.add_argument("--study-name", help="study name in --storage (resumed if it exists)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no live progress")
-    s = sub.add_parser("show", help="print the report of a saved result JSON")
-    s.add_argument("path", metavar="PATH")
+    s = sub.add_parser("show", help="print the report of a saved result JSON, or of a cached "
+                                    "result by the id `autoload cache list` prints")
+    s.add_argument("path", metavar="PATH|ID")
+    s.add_argument("--cache-dir", metavar="DIR", help=_CACHE_DIR_HELP)
     c = sub.add_parser("cache", help="list or clear the remembered results")
     c.add_argument("action", choices=["list", "clear"])
+    c.add_argument("--cache-dir", metavar="DIR", help=_CACHE_DIR_HELP)
     return parser
 
 
@@ -222,6 +230,7 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
         drop_last=args.drop_last, num_workers=_single(args.workers), max_workers=args.max_workers,
         amp=args.amp, sharded=args.sharded, storage=args.storage, study_name=args.study_name,
         seed=args.seed, keep_batch_size=args.keep_batch_size, cache=not args.no_cache,
+        cache_dir=args.cache_dir,
     )
     if args.quiet:
         result = tune(dataset, **kwargs)
@@ -235,18 +244,26 @@ def _tune(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _cache(action: str, console: Console) -> int:
+def _cache(action: str, folder: str | None, console: Console) -> int:
+    where = cache.cache_dir(folder)
     if action == "clear":
-        count = cache.clear()
-        console.print(f"removed {count} cached result{'s' if count != 1 else ''} from "
-                      f"{cache.cache_dir()}")
+        count = cache.clear(folder)
+        console.print(f"removed {count} cached result{'s' if count != 1 else ''} from {where}")
         return 0
-    found = cache.entries()
+    found = cache.entries(folder)
     if not found:
-        console.print(f"no cached results in {cache.cache_dir()}")
+        console.print(f"no cached results in {where}")
         return 0
-    console.print(render_cache(found, cache.cache_dir()))
+    console.print(render_cache(found, where))
     return 0
+
+
+def _show(target: str, folder: str | None) -> TuneResult:
+    """A saved result: the file ``target``, else the cached one whose id starts with it."""
+    path = Path(target)
+    if path.exists() or os.sep in target or target.endswith(".json"):
+        return TuneResult.load(path)
+    return TuneResult.load(cache.find(target, folder))
 
 
 def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:
@@ -257,10 +274,10 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
     try:
         args = _parser().parse_args(argv)
         if args.command == "show":
-            console.print(render_report(TuneResult.load(args.path)))
+            console.print(render_report(_show(args.path, args.cache_dir)))
             return 0
         if args.command == "cache":
-            return _cache(args.action, console)
+            return _cache(args.action, args.cache_dir, console)
         return _tune(args, console)
     except _ArgumentError as exc:
         err.print(f"autoload: error: {exc}", markup=False, soft_wrap=True)

@@ -230,18 +230,27 @@ def _records(finalists: dict[LoaderConfig, set[str]],
     for config, ms in measured.items():
         roles = finalists[config]
         role: Role = ("defaults" if "defaults" in roles else
-                      "recipe" if "recipe" in roles else "candidate")
+                      "recipe" if "recipe" in roles else
+                      "loader-only" if "loader-only" in roles else "candidate")
         prediction = None if model is None else model.predict(config)
         records[config] = FinalistRecord(
             config=config, rates=tuple(m.samples_per_second for m in ms), role=role,
             startup_seconds=_median(ms, "startup_seconds"),
             peak_host_bytes=max(m.peak_host_bytes for m in ms),
             peak_gpu_bytes=max((m.peak_gpu_bytes or 0 for m in ms), default=0) or None,
-            data_wait_fraction=_median(ms, "data_wait_fraction"),
+            data_wait_fraction=_wait(ms),
             predicted=state.predicted.get(config,
                                           None if prediction is None else prediction.fitted),
         )
     return records
+
+
+def _wait(ms: Sequence[Measurement]) -> float | None:
+    """The median share of time spent waiting for data, over the windows that measured it: a
+    window cut short is left out (one cut in its warm-up measured no span and reads 0, which
+    made every row of the report read 0% on a busy machine); ``None`` when all were cut."""
+    read = [m.data_wait_fraction for m in ms if not m.cut_short]
+    return float(statistics.median(read)) if read else None
 
 
 def _step_rate(state: SearchState, winner: FinalistRecord) -> float | None:
@@ -293,7 +302,7 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
         # At num_workers=0 every wait is the main process fetching and collating.
         fetch_rate = pilot.samples_per_second / pilot.data_wait_fraction
     baselines = {role: f.median for f in records.values() for role in finalists[f.config]
-                 if role != "candidate"}
+                 if role in ("defaults", "recipe")}
     prediction = None if model is None else model.predict(winner.config)
     return TuneResult(
         config=winner.config, loader_kwargs=winner.config.loader_kwargs(), amp=winner.config.amp,

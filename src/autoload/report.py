@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -38,7 +39,7 @@ def _pct(x: float | None) -> str:
 def snippet(result: TuneResult) -> str:
     """The winning settings as copy-pasteable Python."""
     lines = ["loader = autoload.DataLoader(", "    dataset,"]
-    lines += [f"    {k}={v!r}," for k, v in result.loader_kwargs.items()]
+    lines += [f"    {k}={v!r}," for k, v in result.dataloader_kwargs.items()]
     lines.append(")")
     if result.amp is not None:
         device_type = result.device.split(":")[0]
@@ -89,8 +90,10 @@ class _Finalists:
             "wait": [_pct(f.data_wait_fraction) for f in finalists],
             "": [_tag(f, result) for f in finalists],
         }
-        if not any(f.predicted for f in finalists):
+        if not any(f.predicted for f in finalists) or not _prediction_trusted(result):
             del columns["predicted"]
+        if all(f.data_wait_fraction is None for f in finalists):
+            del columns["wait"]
         if not any(f.peak_gpu_bytes for f in finalists):
             del columns["GPU mem"]
         return columns
@@ -128,6 +131,27 @@ class _Finalists:
         return table
 
 
+def _prediction_trusted(result: TuneResult) -> bool:
+    """Whether the pipeline model's figures can be shown: it predicted the winner within 2x
+    of what the winner measured (else the machine was busier than when it was calibrated, or
+    it did not fit this pipeline, and its other figures are no better)."""
+    predicted, measured = result.winner.predicted, result.winner.median
+    return predicted is not None and measured > 0 and 0.5 <= predicted / measured <= 2
+
+
+def _prediction_lines(result: TuneResult) -> list[str]:
+    if not any(f.predicted for f in result.finalists) or _prediction_trusted(result):
+        return []
+    predicted = result.winner.predicted
+    if predicted is None:
+        return ["the pipeline model had no prediction for the winner (it was not fitted to "
+                "it), so its predictions are left out"]
+    return [f"the pipeline model predicted {_rate(predicted)} samples/s for the winner, which "
+            f"measured {_rate(result.winner.median)}: off by more than 2x (the machine was "
+            "busier or quieter than when the model was calibrated, or the model does not fit "
+            "this pipeline), so its predictions and its bound are left out"]
+
+
 def _tag(f: FinalistRecord, result: TuneResult) -> str:
     role = "" if f.role == "candidate" else f.role
     return (f"winner ({role})" if role else "winner") if f.config == result.config else role
@@ -158,6 +182,8 @@ def _lines(result: TuneResult) -> list[str]:
         elif speedup is not None:
             lines.append(f"{speedup:.2f}x faster than {label} "
                          f"({_rate(result.baselines[name])} samples/s)")
+            if name == "defaults":
+                lines += _split_lines(result)
     bad = Counter((t.state, t.reason) for t in result.trials if t.state in ("infeasible", "failed"))
     if bad:
         lines.append(f"{_count(sum(bad.values()), 'trial')} infeasible or failed:")
@@ -178,11 +204,31 @@ def _lines(result: TuneResult) -> list[str]:
     return lines + result.batch_size_advice() + list(result.notes)
 
 
+def _split_lines(result: TuneResult) -> list[str]:
+    """The speed-up over the defaults split: what the loader's settings give alone (nothing
+    in training changes), and what a new batch size and autocast (which change training) add."""
+    defaults, alone = result.baselines.get("defaults"), result.loader_only()
+    if not defaults or alone is None or alone.config == result.config or not alone.median:
+        return []
+    changes = []
+    if result.config.batch_size != alone.config.batch_size:
+        changes.append(f"batch size {alone.config.batch_size} -> {result.config.batch_size}")
+    if result.amp is not None:
+        changes.append(f"{result.amp} autocast")
+    if not changes:
+        return []
+    return [f"  the loader settings alone give {alone.median / defaults:.2f}x "
+            f"({alone.config.label()}: no change to training)",
+            f"  {' and '.join(changes)} add {result.samples_per_second / alone.median:.2f}x, "
+            "and change training (see below)"]
+
+
 def _bound_lines(result: TuneResult) -> list[str]:
     """What bounds the winner: the model's view, and the step alone as an upper bound unless
     the measurement has broken it (then it is not one)."""
-    lines = []
-    if result.limit:
+    lines = _prediction_lines(result)
+    if result.limit and (_prediction_trusted(result)
+                         or not any(f.predicted for f in result.finalists)):
         lines.append(f"bound: the pipeline model expects the winner to be bound by "
                      f"{result.limit}")
     if result.step_rate:
@@ -203,24 +249,78 @@ def _bound_lines(result: TuneResult) -> list[str]:
     return lines
 
 
-def render_cache(found: list[tuple[Path, dict[str, Any] | None]], folder: Path) -> Table:
-    """The cached results (``autoload cache list``), one row a file."""
-    table = Table(title=f"Cached results in {folder}", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
-    for column in ("file", "data", "model", "device", "winner", "samples/s"):
-        table.add_column(column, overflow="fold")
+def render_cache(found: list[tuple[Path, dict[str, Any] | None]],
+                 folder: Path) -> RenderableType:
+    """The cached results (``autoload cache list``), one row a file; the id is what
+    ``autoload show`` takes."""
+    rows = []
     for path, data in found:
         if data is None or "config" not in data:
-            table.add_row(path.name, "(unreadable)", "", "", "", "")
+            rows.append({"id": path.stem[:12], "stored": "", "data": "(unreadable)"})
             continue
         parts = (data.get("cache") or {}).get("fingerprint") or {}
         model = (parts.get("model") or {}).get("class") or "-"
         kind = (parts.get("data") or {}).get("type", "?")
-        table.add_row(path.name[:12], str(kind).split(".")[-1],
-                      str(model).split(".")[-1], str(data.get("device")),
-                      LoaderConfig.from_dict(data["config"]).label(),
-                      _rate(float(data.get("samples_per_second") or 0)))
-    return table
+        rows.append({
+            "id": path.stem[:12], "stored": _stored((data.get("cache") or {}).get("stored")),
+            "data": str(kind).split(".")[-1], "model": str(model).split(".")[-1],
+            "device": str(data.get("device")),
+            "winner": LoaderConfig.from_dict(data["config"]).label(),
+            "samples/s": _rate(float(data.get("samples_per_second") or 0)),
+        })
+    return _Fitted(f"Cached results in {folder}", rows,
+                   required=("id", "stored", "data", "winner", "samples/s"),
+                   optional=("model", "device"), shrink="data")
+
+
+def _stored(when: Any) -> str:
+    """The day an entry was stored, in the local zone."""
+    try:
+        return datetime.fromisoformat(str(when)).astimezone().strftime("%Y-%m-%d")
+    except ValueError:
+        return "-"
+
+
+class _Fitted:
+    """A table fitted to the width rich gives it, no cell ever wrapped: the ``required``
+    columns always, each ``optional`` one (most useful first) only if it fits, and when even
+    the required ones do not, the ``shrink`` column's cells cut short with an ellipsis."""
+
+    def __init__(self, title: str, rows: list[dict[str, str]], *, required: tuple[str, ...],
+                 optional: tuple[str, ...], shrink: str) -> None:
+        self.title, self.rows, self.required, self.optional = title, rows, required, optional
+        self.shrink = shrink
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        wide = options.update_width(10 * options.max_width + 1000)
+
+        def fits(table: Table) -> bool:
+            return Measurement.get(console, wide, table).maximum <= options.max_width
+
+        kept = list(self.required)
+        for name in self.optional:
+            if fits(self._table([*kept, name])):
+                kept.append(name)
+        order = [name for name in (*self.required, *self.optional) if name in kept]
+        longest = max((len(row.get(self.shrink, "")) for row in self.rows), default=0)
+        cut = next((n for n in range(longest, 3, -1) if fits(self._table(order, n))), 4)
+        yield self._table(order, cut)
+
+    def _table(self, order: list[str], cut: int | None = None) -> Table:
+        table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False, padding=(0, 1, 0, 0))
+        for name in order:
+            table.add_column(name, justify="right" if name == "samples/s" else "left",
+                             no_wrap=True)
+        for row in self.rows:
+            cells = []
+            for name in order:
+                cell = row.get(name, "")
+                if name == self.shrink and cut is not None and len(cell) > cut:
+                    cell = cell[:cut - 1] + "…"
+                cells.append(cell)
+            table.add_row(*cells)
+        return table
 
 
 class LiveProgress:

@@ -24,8 +24,8 @@ __all__ = [
 ]
 
 TrialState = Literal["ok", "infeasible", "failed", "repeat"]
-Role = Literal["candidate", "defaults", "recipe"]
-FORMAT_VERSION = 1
+Role = Literal["candidate", "defaults", "recipe", "loader-only"]
+FORMAT_VERSION = 2  # 2 added loader_options; 1 is read as without them
 
 
 def costs_to_dict(costs: Costs | None) -> dict[str, Any] | None:
@@ -34,6 +34,37 @@ def costs_to_dict(costs: Costs | None) -> dict[str, Any] | None:
 
 def costs_from_dict(data: dict[str, Any] | None) -> Costs | None:
     return None if data is None else Costs(**data)
+
+
+def write_atomically(path: Path, text: str, *,
+                     unwritable: Callable[[OSError], Exception] | None = None) -> None:
+    """Write ``text`` to ``path`` so that no reader ever sees half of it: into a temporary file
+    of its own in the same folder (a unique name, so writers on several processes or machines
+    sharing the folder never write into each other's), then renamed over ``path``. The last
+    rename wins; a failed write leaves no temporary file behind.
+
+    Raises:
+        OSError: The folder is missing or not writable (or what ``unwritable`` makes of that
+            error), or the write or the rename failed.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if unwritable is None:
+            raise
+        raise unwritable(exc) from exc
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; match a plain open()
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +147,9 @@ class TrialRecord:
 @dataclass(frozen=True, kw_only=True)
 class FinalistRecord:
     """A configuration re-measured side by side with the others at the end of the search;
-    ``predicted`` is the pipeline model's rate for it, when it had one."""
+    ``predicted`` is the pipeline model's rate for it, when it had one. ``role``: one of the
+    best few (``candidate``), a baseline (``defaults``, ``recipe``), or the best that changes
+    nothing in training (``loader-only``: the defaults' batch size, no autocast)."""
 
     config: LoaderConfig
     rates: tuple[float, ...]
@@ -201,7 +234,10 @@ class TuneResult:
         config: The winning configuration.
         loader_kwargs: The winner's DataLoader kwargs, JSON-able, ready for
             ``autoload.DataLoader(dataset, **loader_options, **loader_kwargs)`` (the loader
-            measured; torch's own takes them too).
+            measured; torch's own takes them too): the tuned keys only.
+        loader_options: The JSON-able options of the user's own DataLoader that the tuned
+            loader keeps (``{"shuffle": True}`` when it shuffled); see
+            :attr:`dataloader_kwargs`.
         amp: Autocast dtype for the training step (``None``, ``"bfloat16"`` or ``"float16"``).
         samples_per_second: The winner's median rate in the final side-by-side re-measure.
         baselines: Median rates of PyTorch's defaults and the hand-tuned recipe, by name
@@ -220,7 +256,9 @@ class TuneResult:
             (coefficient of variation), as estimated during the search.
         limit: What the pipeline model says bounds the winner (e.g. ``"the training step"``,
             ``"the CPU cores"``, ``"each epoch's start"``), when it had costs to model.
-        reference_batch_size: The batch size the user trained at (their DataLoader's), if known.
+        reference_batch_size: The batch size the user trains at (their DataLoader's, or the one
+            they pinned), if known; the batch-size advice is given against it (else against
+            the defaults', and says so).
         optimizer: The optimizer's class name, when a model was trained.
         others_cpu: The median share of the CPUs (0 to 1) that other processes took while
             autoload measured; from :data:`autoload.cpuload.BUSY` on, the machine was busy
@@ -250,12 +288,21 @@ class TuneResult:
     optimizer: str | None = None
     others_cpu: float | None = None
     faults: tuple[str, ...] = ()
+    loader_options: dict[str, Any] = field(default_factory=dict)
     cached: str | None = None
 
     @property
     def busy(self) -> bool:
         """Whether other processes took a large share of the CPUs while autoload measured."""
         return self.others_cpu is not None and self.others_cpu >= BUSY
+
+    @property
+    def dataloader_kwargs(self) -> dict[str, Any]:
+        """What rebuilds the loader :func:`best_loader` builds:
+        ``autoload.DataLoader(dataset, **result.dataloader_kwargs)`` (your loader's
+        ``shuffle`` with the tuned keys; a sampler, collate_fn or worker_init_fn of yours is
+        not JSON: pass it beside them)."""
+        return {**self.loader_options, **self.loader_kwargs}
 
     @property
     def bound(self) -> Literal["data loading", "training step"]:
@@ -273,17 +320,35 @@ class TuneResult:
         n = self.samples_per_epoch
         return n % self.config.batch_size if n is not None and self.config.drop_last else 0
 
+    def loader_only(self) -> FinalistRecord | None:
+        """The fastest finalist that changes nothing in training: at the defaults' batch size,
+        without autocast (the defaults themselves at least); ``None`` without the defaults."""
+        defaults = next((f for f in self.finalists if f.role == "defaults"), None)
+        if defaults is None:
+            return None
+        same = [f for f in self.finalists if f.config.amp is None
+                and f.config.batch_size == defaults.config.batch_size
+                and f.config.drop_last == defaults.config.drop_last]
+        return max(same, key=lambda f: f.median)
+
     def batch_size_advice(self) -> list[str]:
         """How to keep training equivalent when the tuned batch size is not the one trained at
         (the learning rate's scaling, or gradient accumulation), and what autocast asks of the
-        training loop when it won; plain sentences, empty when there is nothing to say."""
+        training loop when it won; plain sentences, empty when there is nothing to say. Without
+        the batch size the user trains at, the defaults' stands in for it, said as such."""
         lines = []
         ref, tuned, n = self.reference_batch_size, self.config.batch_size, self.samples_per_epoch
+        assumed = ""
+        if ref is None:
+            defaults = next((f for f in self.finalists if f.role == "defaults"), None)
+            ref = None if defaults is None else defaults.config.batch_size
+            assumed = ("the batch size you train at is unknown (pass your DataLoader, or "
+                       "batch_size=), so this compares with the defaults' batch size: ")
         if ref and ref != tuned:
             steps = (f" ({-(-n // ref):,} steps an epoch become {-(-n // tuned):,})"
                      if n else "")
-            lines.append(f"batch size {ref} -> {tuned}{steps}: " + _lr_rule(tuned / ref,
-                                                                           self.optimizer))
+            lines.append(f"{assumed}batch size {ref} -> {tuned}{steps}: "
+                         + _lr_rule(tuned / ref, self.optimizer))
             if tuned < ref and ref % tuned == 0:
                 k = ref // tuned
                 lines.append(f"or keep an effective batch of {ref}: accumulate gradients over "
@@ -335,6 +400,7 @@ class TuneResult:
             "optimizer": self.optimizer,
             "others_cpu": self.others_cpu,
             "faults": list(self.faults),
+            "loader_options": self.loader_options,
             "format_version": FORMAT_VERSION,
         }
         return json.dumps(data, indent=indent)
@@ -348,7 +414,7 @@ class TuneResult:
         """
         try:
             data = json.loads(text)
-            if data.get("format_version") != FORMAT_VERSION:
+            if data.get("format_version") not in (1, FORMAT_VERSION):
                 raise ValueError(f"format_version {data.get('format_version')!r} is unknown")
             return cls(
                 config=LoaderConfig.from_dict(data["config"]),
@@ -371,6 +437,7 @@ class TuneResult:
                 optimizer=data.get("optimizer"),
                 others_cpu=data.get("others_cpu"),
                 faults=tuple(data.get("faults", ())),
+                loader_options=dict(data.get("loader_options") or {}),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ResultFileError(
@@ -381,23 +448,9 @@ class TuneResult:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the JSON atomically: a crash never leaves a half-written file."""
         path = Path(path)
-        try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as exc:
-            raise ResultFileError(f"cannot write {str(path)!r}: {exc.strerror}; check that its "
-                                  "folder exists and is writable.") from exc
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it owner-only; match a plain open()
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, self.to_json(), unwritable=lambda exc: ResultFileError(
+            f"cannot write {str(path)!r}: {exc.strerror}; check that its folder exists and is "
+            "writable."))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TuneResult:

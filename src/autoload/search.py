@@ -241,7 +241,20 @@ class SearchState:
             known = self.measured.get(config)
             if known is None or known.state == "ok":  # a baseline that faulted stays out
                 chosen.setdefault(config, set()).add(role)
+        loader_only = self._loader_only()
+        if loader_only is not None:
+            chosen.setdefault(loader_only, set()).add("loader-only")
         return chosen
+
+    def _loader_only(self) -> LoaderConfig | None:
+        """The best measured configuration that changes nothing in training (the defaults'
+        batch size, no autocast): what the loader's settings alone give, for the report."""
+        if not self.baselines:
+            return None
+        reference = self.baselines[0]
+        return next((r.config for r in self.ok() if r.config.amp is None
+                     and r.config.batch_size == reference.batch_size
+                     and r.config.drop_last == reference.drop_last), None)
 
     def plan_final_reserve(self) -> None:
         """Keep back what the final re-measure needs, from each likely finalist's own start-up

@@ -138,6 +138,7 @@ def tune(
     sharded: bool = False,
     keep_batch_size: bool = False,
     cache: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
     storage: str | None = None,
     study_name: str | None = None,
     seed: int = 0,
@@ -192,6 +193,9 @@ def tune(
         cache: Return a remembered result for the same machine, data, model and options at
             once (``result.cached`` says where from), and remember this one; see
             :mod:`autoload.cache`. Off with a ``probe`` of the caller's.
+        cache_dir: The folder results are remembered in; default ``$AUTOLOAD_CACHE_DIR``, else
+            the platform's cache folder. A folder the nodes of a cluster share lets the nodes
+            of one kind tune once.
         storage: An Optuna storage URL (e.g. ``"sqlite:///autoload.db"``) to keep the study.
         study_name: The study's name in ``storage`` (resumed when it exists).
         seed: Seed of the TPE sampler.
@@ -247,7 +251,7 @@ def tune(
         parts = _fingerprint(given, model=model, loss_fn=loss_fn, world=world, bounds={
             **space_args, "sharded": sharded, "keep_batch_size": keep_batch_size,
             "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap})
-        remembered = _remembered(parts, channel)
+        remembered = _remembered(parts, channel, cache_dir)
         if remembered is not None:
             return remembered
     if probe is None:
@@ -269,13 +273,15 @@ def tune(
                    seed=seed, storage=storage, study_name=study_name, device=str(given.device),
                    widen=num_workers is None and max_workers is None,
                    ranks=1 if world is None else world.size)
-    result = replace(result, reference_batch_size=given.source.batch_size,
+    result = replace(result, loader_options=given.kept,
+                     reference_batch_size=given.source.batch_size or (
+                         batch_size if isinstance(batch_size, int) else None),
                      optimizer=None if model is None else type(probe_optimizer(
                          probe, given.optimizer)).__name__)
     if isinstance(probe, DistributedProbe):
         probe.finish(result.to_json())
     if parts is not None:
-        store_cached(parts, result)
+        store_cached(parts, result, cache_dir)
     return result
 
 
@@ -290,13 +296,15 @@ class _Given:
     optimizer: torch.optim.Optimizer | None
     n: int | None
     device: torch.device
+    kept: dict[str, Any]  # what the user's own DataLoader set that loader_kwargs must carry
 
 
 def _resolve(dataset: Any, world: World | None, *, model: nn.Module | None,
              loss_fn: LossFn | None, optimizer: torch.optim.Optimizer | None,
              step: StepFn | None, device: str | torch.device,
              loader_options: Mapping[str, Any] | None, **limits: Any) -> _Given:
-    source = shard(resolve(dataset), world)
+    unsharded = resolve(dataset)
+    source = shard(unsharded, world)
     _check_arguments(dict(loader_options or {}), model=model, optimizer=optimizer,
                      loss_fn=loss_fn, step=step, **limits)
     options = {**source.loader_options, **dict(loader_options or {})}
@@ -304,9 +312,13 @@ def _resolve(dataset: Any, world: World | None, *, model: nn.Module | None,
         step = lightning_step(model)
         if step is not None and optimizer is None:
             optimizer = lightning_optimizer(model)
+    # The user's loader shuffled: result.dataloader_kwargs says so too, so that
+    # DataLoader(dataset, **result.dataloader_kwargs) shuffles as best_loader's loader does.
+    # Only the loader's own: options passed as loader_options the caller passes again.
+    kept = {"shuffle": True} if unsharded.loader_options.get("shuffle") else {}
     return _Given(source=source, loader_options=options, step=step,
                   optimizer=optimizer, n=_samples_per_epoch(source.dataset, options),
-                  device=_resolve_device(device, model))
+                  device=_resolve_device(device, model), kept=kept)
 
 
 def _fingerprint(given: _Given, *, model: nn.Module | None, loss_fn: LossFn | None,
@@ -450,13 +462,14 @@ def _study(state: SearchState, model: PipelineModel, *, seed: int, storage: str 
     )
 
 
-def _remembered(parts: dict[str, Any], channel: Channel | None) -> TuneResult | None:
+def _remembered(parts: dict[str, Any], channel: Channel | None,
+                folder: str | os.PathLike[str] | None) -> TuneResult | None:
     """The cached result, if any; in a job rank 0 decides for all (their caches can differ).
 
     A result measured on a busy machine is never handed back: its rates were the loader's
     share of a machine it did not have to itself. The run measures again, and its result
     replaces the busy one."""
-    found = load_cached(parts) if channel is None or channel.world.leader else None
+    found = load_cached(parts, folder) if channel is None or channel.world.leader else None
     if found is not None and found.busy:
         found = None
     if channel is None:
