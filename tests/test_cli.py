@@ -488,3 +488,10 @@ def test_max_workers_help_says_the_search_may_go_past_the_cpus(capsys, monkeypat
     text = " ".join(_help_of(["tune", "--help"], capsys).split())
     assert "--max-workers MAX_WORKERS largest num_workers searched; by default the usable CPUs, "\
            "or up to 4x them when fetching took more than 10% of the time" in text
+
+
+def test_a_storage_url_optuna_cannot_open_is_bad_input(data):
+    line = assert_one_error_line(run_cli(["tune", f"{data}:make_dataset", "--storage",
+                                          "notadb://user:secret@x/db", "--timeout", "4"]))
+    assert "'notadb://user:***@x/db'" in line and "sqlite:///autoload.db" in line
+    assert "secret" not in line

@@ -174,6 +174,22 @@ def test_bad_arguments_raise_config_error(clock, kwargs, match):
         _tune(clock, SurfaceProbe(clock), **kwargs)
 
 
+@pytest.mark.parametrize("storage, shown, why", [
+    ("notadb://x", "'notadb://x'", "SQLAlchemy knows no database 'notadb'"),
+    ("not a url", "'not a url'", "it is not a database URL"),
+    ("postgresql+nodriver://user:secret@host/db", "'postgresql+nodriver://user:***@host/db'",
+     "SQLAlchemy knows no database"),
+])
+def test_a_storage_optuna_cannot_open_is_refused_before_any_trial(clock, storage, shown, why):
+    probe = SurfaceProbe(clock)
+    with pytest.raises(ConfigError) as info:
+        _tune(clock, probe, storage=storage)
+    message = str(info.value)
+    assert message.startswith(f"storage {shown} (--storage) cannot hold the study: {why}")
+    assert "sqlite:///autoload.db" in message and "secret" not in message
+    assert not probe.calls
+
+
 def test_empty_and_non_datasets_are_rejected(clock):
     with pytest.raises(autoload.DatasetError, match="length 0"):
         autoload.tune(TensorDataset(torch.zeros(0, 2)), probe=SurfaceProbe(clock), clock=clock)

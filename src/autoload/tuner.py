@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -220,6 +221,7 @@ def tune(
     given = _resolve(dataset, world, model=model, loss_fn=loss_fn, optimizer=optimizer,
                      step=step, device=device, loader_options=loader_options, timeout=timeout,
                      n_trials=n_trials, n_finalists=n_finalists, final_rounds=final_rounds)
+    _check_storage(storage)
     notes: list[str] = []
     if given.n is None and not sharded and num_workers is None:
         num_workers = 0
@@ -382,6 +384,31 @@ def _check_arguments(loader_options: Mapping[str, Any], *, timeout: float | None
     if n_finalists < 1 or final_rounds < 1:
         raise ConfigError(f"`n_finalists >= 1` and `final_rounds >= 1` must hold, but got "
                           f"({n_finalists=}, {final_rounds=}).")
+
+
+def _check_storage(storage: Any) -> None:
+    """Refuse a storage URL Optuna could not open before any trial runs (Optuna would fail only
+    when it creates the study, with the database library's own error)."""
+    if not isinstance(storage, str):
+        return  # None, or a storage object of the caller's own
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", storage)
+    try:
+        url = make_url(storage)
+        shown = url.render_as_string(hide_password=True)
+        url.get_dialect().import_dbapi()
+    except NoSuchModuleError:  # (a subclass of ArgumentError)
+        reason = f"SQLAlchemy knows no database {storage.split(':', 1)[0]!r}; give"
+    except ArgumentError:
+        reason = "it is not a database URL; give"
+    except ImportError as exc:
+        reason = f"its database driver is not installed ({exc}): install it, or give"
+    else:
+        return
+    raise ConfigError(f"storage {shown!r} (--storage) cannot hold the study: {reason} a "
+                      "database URL such as 'sqlite:///autoload.db'.")
 
 
 def _kept_batch_size(source: Source, batch_size: int | Sequence[int] | None,
