@@ -495,3 +495,9 @@ def test_a_storage_url_optuna_cannot_open_is_bad_input(data):
                                           "notadb://user:secret@x/db", "--timeout", "4"]))
     assert "'notadb://user:***@x/db'" in line and "sqlite:///autoload.db" in line
     assert "secret" not in line
+
+
+def test_a_memory_cap_the_process_already_uses_is_bad_input(data):
+    line = assert_one_error_line(run_cli(["tune", f"{data}:make_dataset", "--memory-cap", "1MiB",
+                                          "--quiet", "--no-cache"]))
+    assert "is below what this process already uses" in line and "--memory-cap" in line

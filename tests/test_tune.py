@@ -117,3 +117,18 @@ def test_best_loader_with_drop_last_reports_dropped_samples():
 def test_a_model_without_a_loss_on_pairs_is_a_one_line_error_naming_both_ways_out():
     with pytest.raises(autoload.DatasetError, match=r"loss_fn=, --loss\) or a step"):
         autoload.tune(Indexed(64), model=nn.Linear(4, 3), **FAST)
+
+
+def test_a_memory_cap_below_what_the_process_uses_is_refused_before_any_trial():
+    from autoload.memory import ProcessTreeMemory
+
+    events = []
+    with pytest.raises(autoload.ConfigError) as info:
+        autoload.tune(Indexed(64), memory_cap="1MiB", progress=events.append, cache=False,
+                      **FAST)
+    message = str(info.value)
+    assert message.startswith("the memory cap 1.0 MiB (memory_cap=, --memory-cap) is below what "
+                              "this process already uses before any trial (")
+    assert "e.g. --memory-cap " in message and "leave it out for the default" in message
+    assert ProcessTreeMemory().sample() > 1 << 20  # the rule it states holds
+    assert not events and not worker_processes()

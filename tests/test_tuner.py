@@ -87,6 +87,33 @@ def test_memory_cap_region_is_infeasible_and_study_goes_on(clock):
     assert "recipe" not in result.baselines  # the recipe (2 workers) faulted and stays out
 
 
+def test_when_every_trial_crosses_the_cap_the_error_names_the_reasons_and_the_way_out(clock):
+    def fail(config):
+        raise MemoryCapExceeded("host", (9 << 30) + config.batch_size, 8 << 30)
+
+    with pytest.raises(TuningFailedError) as info:
+        _tune(clock, SurfaceProbe(clock, fail=fail), n_trials=12, timeout=None)
+    message = str(info.value)
+    assert message.startswith("no configuration could be measured (host memory 9.0 GiB crossed "
+                              "the cap 8.0 GiB")
+    assert message.endswith("; raise the memory cap (--memory-cap) or lower max_batch_size "
+                            "(--max-batch-size).")
+    assert "above" not in message
+
+
+def test_when_trials_fail_in_several_ways_the_error_lists_them(clock):
+    def fail(config):
+        if config.num_workers:
+            raise MemoryCapExceeded("host", 9 << 30, 8 << 30)
+        raise KeyError(f"bad item {config.batch_size}")
+
+    with pytest.raises(TuningFailedError) as info:
+        _tune(clock, SurfaceProbe(clock, fail=fail), n_trials=12, timeout=None)
+    message = str(info.value)
+    assert "KeyError: 'bad item" in message and "more" in message
+    assert "fix what these reasons name" in message and "above" not in message
+
+
 def test_faulting_region_is_learned_not_resampled(clock):
     def fail(config):
         if config.num_workers > 0:

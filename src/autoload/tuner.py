@@ -32,7 +32,7 @@ from autoload.distributed import (
 from autoload.errors import ConfigError, DatasetError
 from autoload.final import finish
 from autoload.loader import DataLoader
-from autoload.memory import default_memory_cap, parse_size
+from autoload.memory import ProcessTreeMemory, default_memory_cap, format_size, parse_size
 from autoload.pipeline import PipelineModel
 from autoload.plan import PlannedSampler, Planner
 from autoload.probe import LossFn, Probe, StepFn, TrainingProbe, Window
@@ -450,6 +450,8 @@ def _default_probe(dataset: Dataset[Any], device: torch.device, *, model: nn.Mod
     """The probe; with ``share`` ranks on the node, each holds its share of the node's cap."""
     host_cap = (default_memory_cap(share=share) if memory_cap is None
                 else parse_size(memory_cap) // share)
+    if memory_cap is not None:
+        _check_memory_cap(host_cap, share=share)
     gpu_cap = None
     if device.type == "cuda":
         gpu_cap = (int(0.9 * torch.cuda.get_device_properties(device).total_memory)
@@ -457,6 +459,23 @@ def _default_probe(dataset: Dataset[Any], device: torch.device, *, model: nn.Mod
     return TrainingProbe(dataset, device=device, model=model, loss_fn=loss_fn,
                          optimizer=optimizer, step=step, loader_options=loader_options,
                          memory_cap=host_cap, gpu_memory_cap=gpu_cap, clock=clock, sync=sync)
+
+
+def _check_memory_cap(cap: int, *, share: int) -> None:
+    """A host cap this process tree already uses up would make every trial infeasible: refuse
+    it before the first one."""
+    used = ProcessTreeMemory().sample()
+    if used < cap:
+        return
+    mine = "" if share == 1 else f" (this rank's share of it, one of {share} on the node)"
+    enough = (math.ceil(used * share / 2**30) + 1) << 30
+    raise ConfigError(
+        f"the memory cap {format_size(cap)}{mine} (memory_cap=, --memory-cap) is below what this "
+        f"process already uses before any trial ({format_size(used)}), so every trial would "
+        f"cross it; raise it well above that, e.g. --memory-cap {enough >> 30}GiB, to leave "
+        "room for the workers and batches, or leave it out for the default (what is used now "
+        "plus 80% of the available memory)."
+    )
 
 
 def _study(state: SearchState, model: PipelineModel, *, seed: int, storage: str | None,
