@@ -16,6 +16,7 @@ from torch.nn import functional
 
 import autoload
 from autoload import cache
+from autoload.distributed import Terminated
 from autoload.errors import AutoloadError, ConfigError, SpecError
 from autoload.importer import import_from_string
 from autoload.memory import parse_size
@@ -267,7 +268,8 @@ def _cache(action: str, console: Console) -> int:
 
 
 def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:
-    """Run the CLI; returns the exit code (0 success, 1 tuning failed, 2 bad input, 130 Ctrl-C)."""
+    """Run the CLI; returns the exit code (0 success, 1 tuning failed, 2 bad input, 130 Ctrl-C,
+    143 SIGTERM)."""
     console = console or Console()
     err = Console(stderr=True, highlight=False) if console.file is sys.stdout else console
     debug = False
@@ -286,10 +288,12 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
     except _ArgumentError as exc:
         err.print(f"autoload: error: {exc}", markup=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
-        err.print("autoload: interrupted; the model and optimizer were restored.",
-                  markup=False, soft_wrap=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        # SIGTERM (a scheduler's preemption) exits as a process it ends would: 128 + 15.
+        terminated = isinstance(exc, Terminated)
+        err.print(f"autoload: {'terminated' if terminated else 'interrupted'}; the model and "
+                  "optimizer were restored.", markup=False, soft_wrap=True)
+        return 143 if terminated else 130
     except AutoloadError as exc:
         if debug:
             raise

@@ -36,8 +36,8 @@ from autoload.result import Measurement, costs_from_dict, costs_to_dict
 from autoload.sources import Source
 from autoload.timing import Window
 
-__all__ = ["Channel", "DistributedProbe", "World", "current_world", "follow", "shard",
-           "terminate_as_interrupt", "world_note"]
+__all__ = ["Channel", "DistributedProbe", "Terminated", "World", "current_world", "follow",
+           "shard", "terminate_as_interrupt", "world_note"]
 
 CONTROL_TIMEOUT = 180.0  # seconds a rank waits on the others before it gives up
 
@@ -130,19 +130,21 @@ def world_note(world: World, cpus: int) -> str:
             "and the rate is the job's (its slowest rank's times the ranks).")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (torchrun stops the other ranks that way when one fails), handled like Ctrl-C:
-    the model is restored and no worker is left."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (torchrun stops the other ranks that way when one fails; a scheduler preempts a
+    job that way), handled like Ctrl-C: the model is restored and no worker is left."""
 
 
 @contextlib.contextmanager
 def terminate_as_interrupt(enabled: bool = True) -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (elsewhere, or
+    with ``enabled`` false, nothing changes); the previous handler is back after it."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise _Terminated("terminated")
+        raise Terminated("terminated")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

@@ -319,9 +319,9 @@ def _fingerprint(given: _Given, *, model: nn.Module | None, loss_fn: LossFn | No
 
 def _lead(space: SearchSpace, probe: Probe, **search: Any) -> TuneResult:
     """The study, alone or as a job's rank 0 (a ``DistributedProbe``: every measurement taken
-    on every rank); a job whose study fails tells the other ranks why before it raises."""
-    job = isinstance(probe, DistributedProbe)
-    with terminate_as_interrupt(job):
+    on every rank); a job whose study fails tells the other ranks why before it raises.
+    SIGTERM (torchrun's, or a scheduler's preemption) ends it as Ctrl-C does."""
+    with terminate_as_interrupt():
         try:
             return _search(space, probe, **search)
         except BaseException as exc:
