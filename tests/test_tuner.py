@@ -366,3 +366,20 @@ def test_configurations_whose_epochs_start_for_several_windows_are_not_measured(
     starts = {t.config: probe.parts(t.config)["start"] for t in result.trials}
     assert max(starts.values()) <= 4.0, max(starts.items(), key=lambda kv: kv[1])
     assert probe.rate(result.config) >= 0.97 * probe.rate(best), (result.config, best)
+
+
+def test_tune_takes_sigterm_only_while_it_runs_and_gives_the_handler_back(clock):
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        _tune(clock, SurfaceProbe(clock), n_trials=4, timeout=None,
+              progress=lambda event: seen.append(signal.getsignal(signal.SIGTERM)))
+        assert seen and all(handler is not mine for handler in seen)  # handled like Ctrl-C
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
