@@ -2,7 +2,8 @@
 every rank at once, then each rank's tuned loader read for two epochs.
 
 The test sets AUTOLOAD_TEST_OUT (a folder for each rank's JSON), AUTOLOAD_TEST_DIE (a rank
-that exits mid-tuning, for the fault test) and AUTOLOAD_TEST_CACHE (a cache folder: the result is
+that exits mid-tuning, for the fault test), AUTOLOAD_TEST_HANG (a rank whose main process
+stops in ``__getitem__`` mid-tuning) and AUTOLOAD_TEST_CACHE (a cache folder: the result is
 remembered there; else nothing is cached).
 """
 
@@ -10,12 +11,14 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -39,6 +42,22 @@ class DiesOnRank(Indexed):
         return super().__getitem__(i)
 
 
+class HangsOnRank(Indexed):
+    """Rank ``rank``'s main process stops answering (sleeps for good) from its ``after``-th item
+    on; its workers, if any, go on."""
+
+    def __init__(self, n, rank, after):
+        super().__init__(n)
+        self.rank, self.after, self.seen = rank, after, 0
+
+    def __getitem__(self, i):
+        if get_worker_info() is None and dist.get_rank() == self.rank:
+            self.seen += 1
+            while self.seen >= self.after:
+                time.sleep(3600)
+        return super().__getitem__(i)
+
+
 def main() -> int:
     backend = os.environ.get("AUTOLOAD_TEST_BACKEND", "gloo")
     dist.init_process_group(backend)
@@ -49,7 +68,10 @@ def main() -> int:
         torch.cuda.set_device(device)
     out = Path(os.environ["AUTOLOAD_TEST_OUT"])
     die = os.environ.get("AUTOLOAD_TEST_DIE")
+    hang = os.environ.get("AUTOLOAD_TEST_HANG")
     data = Indexed(192) if die is None else DiesOnRank(192, int(die), after=400)
+    if hang is not None:
+        data = HangsOnRank(192, int(hang), after=int(os.environ.get("AUTOLOAD_TEST_AFTER", 400)))
     torch.manual_seed(0)
     net = DistributedDataParallel(nn.Linear(4, 3).to(device))
     try:

@@ -437,3 +437,67 @@ def test_a_step_returning_no_tensor_is_one_line(data):
                                           f"{data}:make_model", "--step",
                                           f"{data}:not_a_loss", *QUICK]))
     assert "returned no loss tensor" in line
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_prints_the_version(flag, capsys):
+    import autoload
+
+    assert main([flag]) == 0
+    assert capsys.readouterr().out.strip() == f"autoload {autoload.__version__}"
+
+
+def test_python_dash_m_autoload_runs_the_command():
+    import subprocess
+
+    import autoload
+
+    proc = subprocess.run([sys.executable, "-m", "autoload", "--version"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"autoload {autoload.__version__}"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_is_accepted_before_and_after_the_subcommand(data, where):
+    argv = ["tune", f"{data}:boom"]
+    argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
+    with pytest.raises(ValueError, match="boom"):
+        run_cli(argv)
+
+
+def _help_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["tune", "show", "cache"])
+def test_every_option_and_argument_has_a_help_text(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    lines = _help_of([command, "--help"], capsys).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("positional arguments"))
+    entries = [i for i in range(start, len(lines)) if re.match(r"  \S", lines[i])]
+    for i in entries:  # the help text follows on the same line or on the next, indented
+        same = re.match(r"  \S.*?\S {2,}\S", lines[i])
+        following = i + 1 < len(lines) and re.match(r" {6,}\S", lines[i + 1])
+        assert same or following, f"{lines[i].strip()!r} has no help text"
+
+
+def test_max_workers_help_says_the_search_may_go_past_the_cpus(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    text = " ".join(_help_of(["tune", "--help"], capsys).split())
+    assert "--max-workers MAX_WORKERS largest num_workers searched; by default the usable CPUs, "\
+           "or up to 4x them when fetching took more than 10% of the time" in text
+
+
+def test_a_storage_url_optuna_cannot_open_is_bad_input(data):
+    line = assert_one_error_line(run_cli(["tune", f"{data}:make_dataset", "--storage",
+                                          "notadb://user:secret@x/db", "--timeout", "4"]))
+    assert "'notadb://user:***@x/db'" in line and "sqlite:///autoload.db" in line
+    assert "secret" not in line
+
+
+def test_a_memory_cap_the_process_already_uses_is_bad_input(data):
+    line = assert_one_error_line(run_cli(["tune", f"{data}:make_dataset", "--memory-cap", "1MiB",
+                                          "--quiet", "--no-cache"]))
+    assert "is below what this process already uses" in line and "--memory-cap" in line

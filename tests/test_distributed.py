@@ -59,6 +59,17 @@ def test_a_rank_that_dies_ends_the_others_cleanly_without_a_hang(tmp_path):
     assert not _leftovers()
 
 
+def test_a_rank_that_stops_answering_is_named_not_taken_for_a_faulty_configuration(tmp_path):
+    proc, _ = _torchrun(tmp_path, AUTOLOAD_TEST_HANG="1", AUTOLOAD_TEST_TIMEOUT="30")
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if line.startswith("autoload: rank 0:")]
+    assert len(said) == 1, proc.stderr[-3000:]
+    assert "rank 1 stopped answering while tuning" in said[0], said[0]
+    assert "deadline while the other ranks waited on it" in said[0]
+    time.sleep(1)
+    assert not _leftovers()
+
+
 def test_the_ddp_example_trains_with_the_tuned_loader_under_torchrun():
     example = JOB.parent.parent / "examples" / "ddp_train.py"
     proc = subprocess.run(

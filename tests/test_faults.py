@@ -118,6 +118,49 @@ def test_cli_ctrl_c_exits_130_and_leaves_no_worker(tmp_path):
     assert not [p for p in alive if "resource_tracker" not in " ".join(p.cmdline())]
 
 
+def _completed_trials(url: str) -> int:
+    try:
+        summaries = optuna.get_all_study_summaries(storage=url)
+    except Exception:  # the database is not there yet, or is being written
+        return 0
+    done = (optuna.trial.TrialState.COMPLETE,)
+    return sum(len(optuna.load_study(study_name=s.study_name, storage=url).get_trials(
+        deepcopy=False, states=done)) for s in summaries)
+
+
+def test_cli_sigterm_ends_like_ctrl_c_keeps_finished_trials_and_leaves_no_worker(tmp_path):
+    (tmp_path / "slowdata.py").write_text(textwrap.dedent("""
+        import time, torch
+        from torch.utils.data import Dataset
+
+        class Slow(Dataset):
+            def __len__(self):
+                return 256
+
+            def __getitem__(self, i):
+                time.sleep(0.002)
+                return torch.zeros(4)
+    """))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autoload", "tune", "slowdata.py:Slow", "--timeout", "120",
+         "--max-workers", "2", "--quiet", "--no-cache", "--storage", url, "--study-name", "s"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    deadline = time.monotonic() + 120
+    while _completed_trials(url) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.splitlines() == ["autoload: terminated; the model and optimizer were restored."]
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not [p for p in alive if "resource_tracker" not in " ".join(p.cmdline())]
+    assert _completed_trials(url) >= 2  # the finished trials stay in --storage
+
+
 def test_iterable_dataset_keeps_num_workers_zero_and_says_so():
     result = autoload.tune(Stream(200), **FAST)
     assert {t.config.num_workers for t in result.trials} == {0}

@@ -13,8 +13,8 @@ from rich.console import Console
 from torch.utils.data import TensorDataset
 
 import autoload
-from autoload import FinalistRecord, LoaderConfig, TuneResult
-from autoload.report import render_report, snippet
+from autoload import FinalistRecord, LoaderConfig, ProgressEvent, TuneResult
+from autoload.report import LiveProgress, render_report, snippet
 
 from conftest import DEFAULTS, MEMORY_REASON, RECIPE, build_result
 
@@ -260,3 +260,18 @@ def test_batch_size_advice_without_the_users_batch_size_compares_with_the_defaul
         text.split())
     known = render(make_result(optimizer="SGD", reference_batch_size=96))
     assert "unknown" not in known and "batch size 96 -> 48" in known
+
+
+def test_live_progress_interrupted_leaves_one_line_with_room_for_the_echoed_ctrl_c():
+    best = LoaderConfig(256, num_workers=8, prefetch_factor=4, pin_memory=True, amp="bfloat16")
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    with pytest.raises(KeyboardInterrupt):
+        with LiveProgress(console) as progress:
+            progress(ProgressEvent(phase="search", done=12, total=40, elapsed=10.0, budget=60.0,
+                                   best=123456.0, best_config=best))
+            raise KeyboardInterrupt
+    lines = console.file.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("search: trial 12 of 40"), lines
+    # A terminal echoes Ctrl-C as "^C" after the line: it must fit, or every redraw after it
+    # lands on the next line and the progress shows twice.
+    assert len(lines[0]) + len("^C") < 80

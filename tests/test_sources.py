@@ -104,6 +104,45 @@ def test_a_datamodule_without_train_dataloader_is_a_one_line_error():
         autoload.tune(NoTrain(), **FAST)
 
 
+def test_a_factory_of_a_datamodule_without_train_dataloader_says_so():
+    class NoTrainDataModule(L.LightningDataModule):
+        def setup(self, stage):
+            pass
+
+    with pytest.raises(DatasetError, match=r"make\(\) is a NoTrainDataModule without "
+                                           r"train_dataloader\(\); define it"):
+        resolve(NoTrainDataModule, name="make")
+    with pytest.raises(DatasetError, match="without train_dataloader"):
+        autoload.tune(lambda: NoTrainDataModule(), **FAST)
+
+
+def test_a_batch_sampler_message_names_the_loader_once():
+    batches = torch.utils.data.BatchSampler(range(64), batch_size=8, drop_last=False)
+    with pytest.raises(ConfigError, match="^the DataLoader was built with batch_sampler="):
+        resolve(DataLoader(Indexed(64), batch_sampler=batches))
+
+    class Batched(L.LightningDataModule):
+        def setup(self, stage):
+            pass
+
+        def train_dataloader(self):
+            return DataLoader(Indexed(64), batch_sampler=batches)
+
+    with pytest.raises(ConfigError, match="^the Batched's DataLoader was built with"):
+        resolve(Batched())
+
+
+def test_a_step_that_returns_a_number_names_its_type_and_why_it_must_be_a_tensor():
+    def step(model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y).item()
+
+    with pytest.raises(DatasetError, match=r"the step returned no loss tensor \(got float\); "
+                                           r"backward\(\) needs a tensor") as info:
+        autoload.tune(Indexed(64), model=nn.Linear(4, 3), step=step, **FAST)
+    assert "loss.item()" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_a_step_that_returns_no_tensor_is_a_one_line_error():
     with pytest.raises(DatasetError, match="the step returned no loss tensor"):
         autoload.tune(Indexed(64), model=nn.Linear(4, 3), step=lambda m, b: "oops", **FAST)

@@ -136,3 +136,18 @@ def test_dataloader_kwargs_from_a_shuffling_loader_build_a_loader_that_shuffles_
     plain = autoload.tune(torch.utils.data.DataLoader(data, batch_size=8), timeout=2,
                           max_workers=0, final_rounds=1)
     assert "shuffle" not in plain.dataloader_kwargs
+
+
+def test_a_memory_cap_below_what_the_process_uses_is_refused_before_any_trial():
+    from autoload.memory import ProcessTreeMemory
+
+    events = []
+    with pytest.raises(autoload.ConfigError) as info:
+        autoload.tune(Indexed(64), memory_cap="1MiB", progress=events.append, cache=False,
+                      **FAST)
+    message = str(info.value)
+    assert message.startswith("the memory cap 1.0 MiB (memory_cap=, --memory-cap) is below what "
+                              "this process already uses before any trial (")
+    assert "e.g. --memory-cap " in message and "leave it out for the default" in message
+    assert ProcessTreeMemory().sample() > 1 << 20  # the rule it states holds
+    assert not events and not worker_processes()

@@ -87,6 +87,33 @@ def test_memory_cap_region_is_infeasible_and_study_goes_on(clock):
     assert "recipe" not in result.baselines  # the recipe (2 workers) faulted and stays out
 
 
+def test_when_every_trial_crosses_the_cap_the_error_names_the_reasons_and_the_way_out(clock):
+    def fail(config):
+        raise MemoryCapExceeded("host", (9 << 30) + config.batch_size, 8 << 30)
+
+    with pytest.raises(TuningFailedError) as info:
+        _tune(clock, SurfaceProbe(clock, fail=fail), n_trials=12, timeout=None)
+    message = str(info.value)
+    assert message.startswith("no configuration could be measured (host memory 9.0 GiB crossed "
+                              "the cap 8.0 GiB")
+    assert message.endswith("; raise the memory cap (--memory-cap) or lower max_batch_size "
+                            "(--max-batch-size).")
+    assert "above" not in message
+
+
+def test_when_trials_fail_in_several_ways_the_error_lists_them(clock):
+    def fail(config):
+        if config.num_workers:
+            raise MemoryCapExceeded("host", 9 << 30, 8 << 30)
+        raise KeyError(f"bad item {config.batch_size}")
+
+    with pytest.raises(TuningFailedError) as info:
+        _tune(clock, SurfaceProbe(clock, fail=fail), n_trials=12, timeout=None)
+    message = str(info.value)
+    assert "KeyError: 'bad item" in message and "more" in message
+    assert "fix what these reasons name" in message and "above" not in message
+
+
 def test_faulting_region_is_learned_not_resampled(clock):
     def fail(config):
         if config.num_workers > 0:
@@ -172,6 +199,22 @@ def test_bad_arguments_raise_config_error(clock, kwargs, match):
         pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match=match):
         _tune(clock, SurfaceProbe(clock), **kwargs)
+
+
+@pytest.mark.parametrize("storage, shown, why", [
+    ("notadb://x", "'notadb://x'", "SQLAlchemy knows no database 'notadb'"),
+    ("not a url", "'not a url'", "it is not a database URL"),
+    ("postgresql+nodriver://user:secret@host/db", "'postgresql+nodriver://user:***@host/db'",
+     "SQLAlchemy knows no database"),
+])
+def test_a_storage_optuna_cannot_open_is_refused_before_any_trial(clock, storage, shown, why):
+    probe = SurfaceProbe(clock)
+    with pytest.raises(ConfigError) as info:
+        _tune(clock, probe, storage=storage)
+    message = str(info.value)
+    assert message.startswith(f"storage {shown} (--storage) cannot hold the study: {why}")
+    assert "sqlite:///autoload.db" in message and "secret" not in message
+    assert not probe.calls
 
 
 def test_empty_and_non_datasets_are_rejected(clock):
@@ -338,3 +381,20 @@ def test_the_finalists_hold_the_best_configuration_measured_that_changes_no_trai
     assert result.loader_only() is not None and result.loader_only().config.amp is None
     # what the split is for: the winner trains at another batch size
     assert result.config.batch_size != defaults.config.batch_size
+
+
+def test_tune_takes_sigterm_only_while_it_runs_and_gives_the_handler_back(clock):
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        _tune(clock, SurfaceProbe(clock), n_trials=4, timeout=None,
+              progress=lambda event: seen.append(signal.getsignal(signal.SIGTERM)))
+        assert seen and all(handler is not mine for handler in seen)  # handled like Ctrl-C
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -14,7 +14,9 @@ from rich.console import Console
 from torch import nn
 from torch.nn import functional
 
+import autoload
 from autoload import cache
+from autoload.distributed import Terminated
 from autoload.errors import AutoloadError, ConfigError, SpecError
 from autoload.importer import import_from_string
 from autoload.memory import parse_size
@@ -91,9 +93,15 @@ _CACHE_DIR_HELP = (f"the folder results are remembered in (default ${cache.ENV},
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autoload", description="Find the fastest DataLoader settings.")
+    parser.add_argument("-V", "--version", action="version",
+                        version=f"%(prog)s {autoload.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # --debug after the subcommand too; SUPPRESS keeps a subcommand from resetting it to False.
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    t = sub.add_parser("tune", help="tune a data set (and optionally a model)")
+    t = sub.add_parser("tune", help="tune a data set (and optionally a model)", parents=[debug])
     t.add_argument("dataset", metavar="MODULE:ATTR",
                    help="a Dataset, a DataLoader, a LightningDataModule, or a zero-argument "
                         "callable returning one")
@@ -114,13 +122,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--memory-cap", type=_size, help="host memory cap, e.g. 8GiB")
     t.add_argument("--gpu-memory-cap", type=_size, help="GPU memory cap, e.g. 20GiB")
     t.add_argument("--batch-size", type=_int_list, help="fix it (64) or restrict it (32,64,128)")
-    t.add_argument("--min-batch-size", type=_positive_int, default=8)
-    t.add_argument("--max-batch-size", type=_positive_int, default=1024)
+    t.add_argument("--min-batch-size", type=_positive_int, default=8,
+                   help="smallest batch size searched (8)")
+    t.add_argument("--max-batch-size", type=_positive_int, default=1024,
+                   help="largest batch size searched (1024)")
     t.add_argument("--drop-last", action="store_true",
                    help="allow batch sizes that do not divide the epoch")
     t.add_argument("--workers", type=_int_list, help="fix num_workers (4) or restrict it (0,2,4)")
-    t.add_argument("--max-workers", type=int, help="largest num_workers searched (CPU count)")
-    t.add_argument("--amp", choices=["auto", "off", "bfloat16", "float16"], default="auto")
+    t.add_argument("--max-workers", type=int,
+                   help="largest num_workers searched; by default the usable CPUs, or up to 4x "
+                        "them when fetching took more than 10%% of the time at num_workers=0")
+    t.add_argument("--amp", choices=["auto", "off", "bfloat16", "float16"], default="auto",
+                   help="autocast: auto (default) searches bf16 on CPUs with native bf16 and "
+                        "fp16/bf16 on CUDA; off, or one dtype to measure it")
     t.add_argument("--sharded", action="store_true",
                    help="the IterableDataset shards itself across workers")
     t.add_argument("--keep-batch-size", action="store_true",
@@ -131,14 +145,20 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", metavar="PATH", help="write the result as JSON")
     t.add_argument("--storage", metavar="URL", help="Optuna storage, e.g. sqlite:///autoload.db")
     t.add_argument("--study-name", help="study name in --storage (resumed if it exists)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the search's sampler (0); the same seed proposes the same "
+                        "trials, though measured rates still vary")
     t.add_argument("--quiet", action="store_true", help="no live progress")
     s = sub.add_parser("show", help="print the report of a saved result JSON, or of a cached "
-                                    "result by the id `autoload cache list` prints")
-    s.add_argument("path", metavar="PATH|ID")
+                                    "result by the id `autoload cache list` prints",
+                       parents=[debug])
+    s.add_argument("path", metavar="PATH|ID",
+                   help="a result written by `autoload tune --json PATH`, or a cached result's "
+                        "id (or a unique prefix of it)")
     s.add_argument("--cache-dir", metavar="DIR", help=_CACHE_DIR_HELP)
-    c = sub.add_parser("cache", help="list or clear the remembered results")
-    c.add_argument("action", choices=["list", "clear"])
+    c = sub.add_parser("cache", help="list or clear the remembered results", parents=[debug])
+    c.add_argument("action", choices=["list", "clear"],
+                   help="list: show the cached results; clear: delete them all")
     c.add_argument("--cache-dir", metavar="DIR", help=_CACHE_DIR_HELP)
     return parser
 
@@ -267,12 +287,17 @@ def _show(target: str, folder: str | None) -> TuneResult:
 
 
 def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:
-    """Run the CLI; returns the exit code (0 success, 1 tuning failed, 2 bad input, 130 Ctrl-C)."""
+    """Run the CLI; returns the exit code (0 success, 1 tuning failed, 2 bad input, 130 Ctrl-C,
+    143 SIGTERM)."""
     console = console or Console()
     err = Console(stderr=True, highlight=False) if console.file is sys.stdout else console
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    debug = False
     try:
-        args = _parser().parse_args(argv)
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as exc:  # --help and --version print, then exit 0
+            return exc.code if isinstance(exc.code, int) else 0
+        debug = args.debug
         if args.command == "show":
             console.print(render_report(_show(args.path, args.cache_dir)))
             return 0
@@ -282,10 +307,12 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
     except _ArgumentError as exc:
         err.print(f"autoload: error: {exc}", markup=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
-        err.print("autoload: interrupted; the model and optimizer were restored.",
-                  markup=False, soft_wrap=True)
-        return 130
+    except KeyboardInterrupt as exc:
+        # SIGTERM (a scheduler's preemption) exits as a process it ends would: 128 + 15.
+        terminated = isinstance(exc, Terminated)
+        err.print(f"autoload: {'terminated' if terminated else 'interrupted'}; the model and "
+                  "optimizer were restored.", markup=False, soft_wrap=True)
+        return 143 if terminated else 130
     except AutoloadError as exc:
         if debug:
             raise

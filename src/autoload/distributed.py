@@ -17,6 +17,7 @@ import functools
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -35,8 +36,8 @@ from autoload.result import Measurement, costs_from_dict, costs_to_dict
 from autoload.sources import Source
 from autoload.timing import Window
 
-__all__ = ["Channel", "DistributedProbe", "World", "current_world", "follow", "shard",
-           "terminate_as_interrupt", "world_note"]
+__all__ = ["Channel", "DistributedProbe", "Terminated", "World", "current_world", "follow",
+           "shard", "terminate_as_interrupt", "world_note"]
 
 CONTROL_TIMEOUT = 180.0  # seconds a rank waits on the others before it gives up
 
@@ -77,6 +78,7 @@ class Channel:
     def __init__(self, world: World, *, timeout: float = CONTROL_TIMEOUT) -> None:
         self.world, self.timeout = world, timeout
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        self.waited = 0.0  # seconds this rank spent in collectives, waiting on the others
 
     def broadcast(self, message: Any) -> Any:
         """Rank 0's ``message`` on every rank."""
@@ -97,6 +99,7 @@ class Channel:
         return int(box.item())
 
     def _collective(self, call: Callable[[], Any]) -> None:
+        began = time.monotonic()
         try:
             call()
         except (RuntimeError, ValueError) as exc:  # gloo's timeouts and broken connections
@@ -105,6 +108,8 @@ class Channel:
                 f"rank {self.world.rank}: another rank stopped answering while tuning ({first}); "
                 "look at that rank's own error, fix it, and run the job again."
             ) from exc
+        finally:
+            self.waited += time.monotonic() - began
 
 
 def shard(source: Source, world: World | None) -> Source:
@@ -125,19 +130,21 @@ def world_note(world: World, cpus: int) -> str:
             "and the rate is the job's (its slowest rank's times the ranks).")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (torchrun stops the other ranks that way when one fails), handled like Ctrl-C:
-    the model is restored and no worker is left."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (torchrun stops the other ranks that way when one fails; a scheduler preempts a
+    job that way), handled like Ctrl-C: the model is restored and no worker is left."""
 
 
 @contextlib.contextmanager
 def terminate_as_interrupt(enabled: bool = True) -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (elsewhere, or
+    with ``enabled`` false, nothing changes); the previous handler is back after it."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise _Terminated("terminated")
+        raise Terminated("terminated")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -183,10 +190,43 @@ def _raise(outcome: dict[str, Any], rank: int) -> None:
     raise RuntimeError(("CUDA out of memory: " if fault == "oom" else "") + reason)
 
 
-def _combine(outcomes: list[dict[str, Any]], world: World) -> Measurement:
+def _attempt_timed(measure: Callable[[], Any], channel: Channel) -> dict[str, Any]:
+    """:func:`_attempt`, with the seconds this rank spent waiting on the others meanwhile."""
+    before = channel.waited
+    outcome = _attempt(measure)
+    outcome["waited"] = channel.waited - before
+    return outcome
+
+
+def _silent_rank(outcomes: list[dict[str, Any]], deadline: float) -> int | None:
+    """The rank that stopped answering during a measurement, if one did.
+
+    A rank stuck in its own main process (a ``__getitem__`` or step that never returns) runs
+    into its deadline without waiting on anyone, while the others spend that time waiting on it
+    in the vote before each step and time out as they get its answer: the trial did not fail,
+    that rank fell silent. Ranks that all time out in their own code name no one.
+    """
+    stuck = [(o.get("waited", 0.0), rank) for rank, o in enumerate(outcomes)
+             if o.get("fault") == "timeout"]
+    if not stuck or max(o.get("waited", 0.0) for o in outcomes) < deadline / 2:
+        return None
+    waited, rank = min(stuck)
+    return rank if waited < deadline / 2 else None
+
+
+def _combine(outcomes: list[dict[str, Any]], world: World,
+             deadline: float | None = None) -> Measurement:
     """The job's measurement: rank 0's, at the world size times the slowest rank's rate. A
     fault on any rank is the trial's (a rank's own reason before the others' "another rank
-    failed")."""
+    failed"), except a rank that stopped answering, which ends the tuning."""
+    silent = None if deadline is None else _silent_rank(outcomes, deadline)
+    if silent is not None:
+        raise TuningFailedError(
+            f"rank {silent} stopped answering while tuning: its main process did not come back "
+            f"from the data set's __getitem__ or the step within the trial's {deadline:.0f} s "
+            "deadline while the other ranks waited on it; look at what that rank was doing, "
+            "fix it, and run the job again."
+        )
     faults = [(o.get("error") == "PeerFault", rank, o) for rank, o in enumerate(outcomes)
               if "fault" in o]
     if faults:
@@ -214,8 +254,8 @@ class DistributedProbe(Probe):
 
     def measure(self, config: LoaderConfig, window: Window) -> Measurement:
         self.channel.broadcast(("measure", config.to_dict(), dataclasses.asdict(window)))
-        outcome = _attempt(lambda: self.inner.measure(config, window))
-        return _combine(self.channel.gather(outcome), self.world)
+        outcome = _attempt_timed(lambda: self.inner.measure(config, window), self.channel)
+        return _combine(self.channel.gather(outcome), self.world, window.deadline)
 
     def step_rate(self, config: LoaderConfig, window: Window) -> float | None:
         self.channel.broadcast(("step", config.to_dict(), dataclasses.asdict(window)))
@@ -243,4 +283,4 @@ def follow(probe: Probe, channel: Channel) -> str:
             return str(payload)
         config, window = LoaderConfig.from_dict(message[1]), Window(**message[2])
         run = probe.measure if kind == "measure" else probe.step_rate
-        channel.gather(_attempt(functools.partial(run, config, window)))
+        channel.gather(_attempt_timed(functools.partial(run, config, window), channel))

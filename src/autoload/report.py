@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -14,7 +15,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderR
 from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from autoload.config import LoaderConfig
@@ -323,6 +324,30 @@ class _Fitted:
         return table
 
 
+# Columns the live line leaves free at the right: a terminal echoes Ctrl-C as "^C" after it, and
+# on a line as wide as the terminal the echo wraps, so every later redraw lands on a new line
+# and the last frame shows twice.
+_ECHO_ROOM = 3
+
+
+class _OneLineProgress(Progress):
+    """A progress display kept to one line short of the terminal's width."""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield _EchoRoom(self.make_tasks_table(self.tasks))
+
+
+class _EchoRoom:
+    """A renderable drawn ``_ECHO_ROOM`` columns narrower than it may be."""
+
+    def __init__(self, inner: RenderableType) -> None:
+        self.inner = inner
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = max(20, options.max_width - _ECHO_ROOM)
+        yield from console.render(self.inner, options.update_width(width))
+
+
 class LiveProgress:
     """A progress callback for :func:`autoload.tune` that draws a rich progress bar.
 
@@ -332,9 +357,12 @@ class LiveProgress:
     """
 
     def __init__(self, console: Console | None = None) -> None:
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[best]}"), console=console, transient=False,
+        self._progress = _OneLineProgress(
+            TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=20), TimeElapsedColumn(),
+            TextColumn("{task.fields[best]}",
+                       table_column=Column(no_wrap=True, overflow="ellipsis")),
+            console=console, transient=False,
         )
         self._task: TaskID | None = None
         self._started = time.monotonic()

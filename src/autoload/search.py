@@ -293,11 +293,18 @@ def no_feasible_error(state: SearchState) -> TuningFailedError:
             )
             error.__cause__ = exc
             return error
-    seen = sorted({r.reason or r.state for r in state.records if r.state != "ok"})
-    return TuningFailedError(
-        "no configuration could be measured (" + "; ".join(seen[:3]) + "); raise the memory "
-        "cap (--memory-cap), lower max_batch_size, or fix the errors above."
-    )
+    faults = [r for r in (*state.measured.values(), *state.records)
+              if r.state in ("infeasible", "failed")]
+    seen = sorted({r.reason or r.state for r in faults})
+    if not seen:
+        return TuningFailedError("no configuration could be measured in the time given; raise "
+                                 "the timeout (--timeout).")
+    listed = "; ".join(seen[:3]) + (f"; and {len(seen) - 3} more" if len(seen) > 3 else "")
+    memory = ("raise the memory cap (--memory-cap) or lower max_batch_size "
+              "(--max-batch-size)")
+    way = (memory if all(r.state == "infeasible" for r in faults) else
+           f"fix what these reasons name, or where they are about memory, {memory}")
+    return TuningFailedError(f"no configuration could be measured ({listed}); {way}.")
 
 
 def measure_pilot(state: SearchState, defaults: LoaderConfig) -> TrialRecord:

@@ -76,6 +76,11 @@ def _is_datamodule(obj: Any) -> bool:
             and not _defined_by_lightning(obj, "train_dataloader"))
 
 
+def _lacks_train_dataloader(obj: Any) -> bool:
+    """A LightningDataModule whose class leaves ``train_dataloader`` to Lightning's base."""
+    return not isinstance(obj, type) and _defined_by_lightning(obj, "train_dataloader")
+
+
 def resolve(obj: Any, *, name: str = "the data") -> Source:
     """A :class:`Source` from a Dataset, a DataLoader, a LightningDataModule, or a
     zero-argument callable returning one of them.
@@ -99,12 +104,13 @@ def resolve(obj: Any, *, name: str = "the data") -> Source:
         return Source(dataset=obj)
     if _is_datamodule(obj):
         return _from_datamodule(obj)
-    if not isinstance(obj, type) and _defined_by_lightning(obj, "train_dataloader"):
+    if _lacks_train_dataloader(obj):
         raise DatasetError(f"{name} is a {type(obj).__name__} without train_dataloader(); "
                            "define it, or pass the Dataset or DataLoader itself.")
     if callable(obj):  # a factory, or a class whose arguments all have defaults
         made = obj()
-        if isinstance(made, DataLoader) or _is_dataset(made) or _is_datamodule(made):
+        if (isinstance(made, DataLoader) or _is_dataset(made) or _is_datamodule(made)
+                or _lacks_train_dataloader(made)):
             return resolve(made, name=f"{name}()")
         raise DatasetError(f"{name}() returned a {type(made).__name__}, not a Dataset (with "
                            "__len__ and __getitem__, or an IterableDataset), a DataLoader or a "
@@ -127,8 +133,9 @@ def _from_datamodule(module: Any) -> Source:
 
 def _from_loader(loader: DataLoader[Any], *, kind: str) -> Source:
     if loader.batch_size is None and loader.batch_sampler is not None:
+        whose = "the DataLoader" if kind == "DataLoader" else f"the {kind}'s DataLoader"
         raise ConfigError(
-            f"the {kind}'s DataLoader was built with batch_sampler=, which fixes its batches, so "
+            f"{whose} was built with batch_sampler=, which fixes its batches, so "
             "there is no batch size to tune; build it with the sampler that batch sampler wraps "
             "and a batch_size instead."
         )
@@ -165,14 +172,21 @@ def _sampler_options(loader: DataLoader[Any]) -> dict[str, Any]:
 
 def loss_of(out: Any, where: str) -> torch.Tensor:
     """The loss a step returned: a tensor, ``out["loss"]``, or ``out.loss``."""
+    loss = out
     if isinstance(out, Mapping):
-        out = out.get("loss")
+        loss = out.get("loss")
     elif not isinstance(out, torch.Tensor):
-        out = getattr(out, "loss", None)
-    if not isinstance(out, torch.Tensor):
-        raise DatasetError(f"{where} returned no loss tensor (got {type(out).__name__}); return "
-                           "the loss, or a dict or object with a 'loss' tensor.")
-    return out
+        loss = getattr(out, "loss", out)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    got = type(out).__name__
+    if loss is not None and loss is not out:
+        got = f"a {got} whose loss is a {type(loss).__name__}"
+    hint = (" (a number such as loss.item() has no graph to backpropagate)"
+            if isinstance(loss, (int, float)) else "")
+    raise DatasetError(f"{where} returned no loss tensor (got {got}); backward() needs a "
+                       f"tensor{hint}: return the loss tensor itself, or a dict or object with "
+                       "a 'loss' tensor.")
 
 
 def lightning_step(model: nn.Module) -> Callable[[nn.Module, Any], torch.Tensor] | None:

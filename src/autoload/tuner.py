@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,7 @@ from autoload.distributed import (
 from autoload.errors import ConfigError, DatasetError
 from autoload.final import finish
 from autoload.loader import DataLoader
-from autoload.memory import default_memory_cap, parse_size
+from autoload.memory import ProcessTreeMemory, default_memory_cap, format_size, parse_size
 from autoload.pipeline import PipelineModel
 from autoload.plan import PlannedSampler, Planner
 from autoload.probe import LossFn, Probe, StepFn, TrainingProbe, Window
@@ -225,6 +226,7 @@ def tune(
     given = _resolve(dataset, world, model=model, loss_fn=loss_fn, optimizer=optimizer,
                      step=step, device=device, loader_options=loader_options, timeout=timeout,
                      n_trials=n_trials, n_finalists=n_finalists, final_rounds=final_rounds)
+    _check_storage(storage)
     notes: list[str] = []
     if given.n is None and not sharded and num_workers is None:
         num_workers = 0
@@ -331,9 +333,9 @@ def _fingerprint(given: _Given, *, model: nn.Module | None, loss_fn: LossFn | No
 
 def _lead(space: SearchSpace, probe: Probe, **search: Any) -> TuneResult:
     """The study, alone or as a job's rank 0 (a ``DistributedProbe``: every measurement taken
-    on every rank); a job whose study fails tells the other ranks why before it raises."""
-    job = isinstance(probe, DistributedProbe)
-    with terminate_as_interrupt(job):
+    on every rank); a job whose study fails tells the other ranks why before it raises.
+    SIGTERM (torchrun's, or a scheduler's preemption) ends it as Ctrl-C does."""
+    with terminate_as_interrupt():
         try:
             return _search(space, probe, **search)
         except BaseException as exc:
@@ -398,6 +400,31 @@ def _check_arguments(loader_options: Mapping[str, Any], *, timeout: float | None
                           f"({n_finalists=}, {final_rounds=}).")
 
 
+def _check_storage(storage: Any) -> None:
+    """Refuse a storage URL Optuna could not open before any trial runs (Optuna would fail only
+    when it creates the study, with the database library's own error)."""
+    if not isinstance(storage, str):
+        return  # None, or a storage object of the caller's own
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", storage)
+    try:
+        url = make_url(storage)
+        shown = url.render_as_string(hide_password=True)
+        url.get_dialect().import_dbapi()
+    except NoSuchModuleError:  # (a subclass of ArgumentError)
+        reason = f"SQLAlchemy knows no database {storage.split(':', 1)[0]!r}; give"
+    except ArgumentError:
+        reason = "it is not a database URL; give"
+    except ImportError as exc:
+        reason = f"its database driver is not installed ({exc}): install it, or give"
+    else:
+        return
+    raise ConfigError(f"storage {shown!r} (--storage) cannot hold the study: {reason} a "
+                      "database URL such as 'sqlite:///autoload.db'.")
+
+
 def _kept_batch_size(source: Source, batch_size: int | Sequence[int] | None,
                      keep: bool) -> int | Sequence[int] | None:
     """The batch size to search: the user's own with ``keep_batch_size``."""
@@ -438,6 +465,8 @@ def _default_probe(dataset: Dataset[Any], device: torch.device, *, model: nn.Mod
     """The probe; with ``share`` ranks on the node, each holds its share of the node's cap."""
     host_cap = (default_memory_cap(share=share) if memory_cap is None
                 else parse_size(memory_cap) // share)
+    if memory_cap is not None:
+        _check_memory_cap(host_cap, share=share)
     gpu_cap = None
     if device.type == "cuda":
         gpu_cap = (int(0.9 * torch.cuda.get_device_properties(device).total_memory)
@@ -446,6 +475,23 @@ def _default_probe(dataset: Dataset[Any], device: torch.device, *, model: nn.Mod
                          optimizer=optimizer, step=step, loader_options=loader_options,
                          memory_cap=host_cap, gpu_memory_cap=gpu_cap, clock=clock, sync=sync,
                          cpu_root=cpu_root)
+
+
+def _check_memory_cap(cap: int, *, share: int) -> None:
+    """A host cap this process tree already uses up would make every trial infeasible: refuse
+    it before the first one."""
+    used = ProcessTreeMemory().sample()
+    if used < cap:
+        return
+    mine = "" if share == 1 else f" (this rank's share of it, one of {share} on the node)"
+    enough = (math.ceil(used * share / 2**30) + 1) << 30
+    raise ConfigError(
+        f"the memory cap {format_size(cap)}{mine} (memory_cap=, --memory-cap) is below what this "
+        f"process already uses before any trial ({format_size(used)}), so every trial would "
+        f"cross it; raise it well above that, e.g. --memory-cap {enough >> 30}GiB, to leave "
+        "room for the workers and batches, or leave it out for the default (what is used now "
+        "plus 80% of the available memory)."
+    )
 
 
 def _study(state: SearchState, model: PipelineModel, *, seed: int, storage: str | None,
