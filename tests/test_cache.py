@@ -220,3 +220,15 @@ def test_concurrent_stores_in_threads_leave_one_whole_file_and_no_temporary_ones
             stored = list(pool.map(lambda _: store(), range(8)))
     assert all(stored) and len(list(tmp_path.iterdir())) == 1
     assert cache.load(parts, tmp_path).config == result.config
+
+
+def test_a_result_measured_on_a_busy_machine_is_measured_again_and_replaced():
+    autoload.tune(Indexed(96), **FAST)
+    [(path, data)] = cache.entries()
+    data["others_cpu"] = 0.7  # as a run beside two busy processes stores it
+    path.write_text(json.dumps(data))
+    again = autoload.tune(Indexed(96), **FAST)
+    assert again.cached is None and not again.busy  # measured again (on a quiet machine)
+    assert autoload.tune(Indexed(96), **FAST).cached  # which replaced the busy one
+    [(_, data)] = cache.entries()
+    assert data["others_cpu"] is None

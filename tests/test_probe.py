@@ -247,3 +247,16 @@ def test_a_trial_that_leaves_autograd_off_leaves_it_on_for_the_next():
         probe.measure(config, window)
     assert torch.is_grad_enabled()
     assert probe.measure(config, window).samples_per_second > 0
+
+
+def test_a_hang_in_the_main_process_names_the_index_it_hung_on():
+    from toydata import HangsFrom
+
+    # Warm-up serves indices 0-19; the measured epoch starts again at 0 and hangs at 20.
+    probe = TrainingProbe(HangsFrom(64, first=20), device=CPU)
+    with pytest.raises(TrialTimeout) as info:
+        probe.measure(LoaderConfig(10), Window(seconds=5, deadline=1.0))
+    message = str(info.value)
+    assert message.startswith("items stopped arriving: the data set's __getitem__ did not "
+                              "return index 20 before the trial's deadline")
+    assert "a hang in the data set" in message

@@ -252,3 +252,38 @@ def test_a_late_first_round_is_not_judged_while_the_rounds_after_it_are_fast():
     assert "cut" not in line.verdicts
     epoch = 60 * 365 / (0.3 + 57 * 0.045)
     assert line.rec.timing().samples_per_second == pytest.approx(epoch, rel=0.03)
+
+
+def test_a_fetch_that_stalls_until_the_cut_counts_its_wait():
+    # 100 samples/s for 8 batches, then the data set stops answering: the soft limit cuts the
+    # window 4 s later, inside that fetch. A rate over the batches before it said 100/s (a hang
+    # read as fast); the wait counts: 80 samples in 4.8 s.
+    line = Timeline(Shape(batch_size=10, epoch_batches=100, warmup_batches=2),
+                    Window(seconds=10), step=0.0)
+    _warm_up(line)
+    origin = line.t
+    for _ in range(8):
+        line.batch(line.t + 0.1)
+    t = line.rec.timing(interrupted=True, stopped_at=line.t + 4.0)
+    assert t.cut_short
+    assert t.samples_per_second == pytest.approx(80 / (line.t + 4.0 - origin))
+
+
+def test_a_batch_in_progress_at_the_cut_counts_neither_samples_nor_time_unless_it_stalled():
+    line = Timeline(Shape(batch_size=10, epoch_batches=100, warmup_batches=2),
+                    Window(seconds=10), step=0.0)
+    _warm_up(line)
+    for _ in range(8):
+        line.batch(line.t + 0.1)
+    # cut three quarters into the next 0.1 s batch: the same 100/s as the batches before
+    assert line.rec.timing(interrupted=True, stopped_at=line.t + 0.075).samples_per_second \
+        == pytest.approx(100, rel=0.02)
+
+
+def test_a_stall_in_warm_up_counts_from_the_loader_s_start_to_the_cut():
+    line = Timeline(Shape(batch_size=10, workers=2, in_flight=4, epoch_batches=100,
+                          warmup_batches=4), Window(seconds=10), step=0.0)
+    line.batch(0.1)
+    line.batch(0.1)  # then nothing more arrives
+    t = line.rec.timing(interrupted=True, stopped_at=5.0)
+    assert t.cut_short and t.samples_per_second == pytest.approx(20 / 5.0)

@@ -398,3 +398,75 @@ def test_tune_takes_sigterm_only_while_it_runs_and_gives_the_handler_back(clock)
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class _HangsAfter(SurfaceProbe):
+    """Measures the surface until ``after`` windows, then every window hangs: it takes its
+    whole hard deadline and fails, as the probe's alarm does on a data set that stopped
+    answering."""
+
+    def __init__(self, clock, after):
+        super().__init__(clock)
+        self.after = after
+
+    def measure(self, config, window):
+        if len(self.calls) < self.after:
+            return super().measure(config, window)
+        self.calls.append(config)
+        self.clock.now += window.deadline
+        from autoload.probe import TrialTimeout
+
+        raise TrialTimeout("items stopped arriving: the data set's __getitem__ did not return "
+                           "index 7 before the trial's deadline")
+
+
+@pytest.mark.parametrize("after", [6, 14])
+def test_a_data_set_that_hangs_ends_the_run_within_its_budget_and_is_named(clock, after):
+    # In the search (6) or in the final re-measure (14): each hung window waited out a 20 s
+    # deadline, and five finalists made a 60 s budget 160 s.
+    with pytest.raises(TuningFailedError, match="items stopped arriving: .* index 7"):
+        _tune(clock, _HangsAfter(clock, after), timeout=60)
+    assert clock.now <= 60 * 1.05
+
+
+class _Busy(SurfaceProbe):
+    def measure(self, config, window):
+        from dataclasses import replace
+
+        return replace(super().measure(config, window), others_cpu=0.6)
+
+
+def test_a_busy_machine_is_said_and_its_finalists_get_twice_the_rounds(clock):
+    import io
+
+    from rich.console import Console
+
+    from autoload.report import render_report
+
+    quiet = _tune(clock, SurfaceProbe(clock), timeout=None, n_trials=12)
+    busy = _tune(clock, _Busy(clock), timeout=None, n_trials=12)
+    assert quiet.others_cpu is None and not quiet.busy
+    assert busy.busy and busy.others_cpu == pytest.approx(0.6)
+    assert max(len(f.rates) for f in busy.finalists) == 2 * max(
+        len(f.rates) for f in quiet.finalists)
+    console = Console(file=io.StringIO(), width=100, color_system=None)
+    console.print(render_report(busy))
+    text = " ".join(console.file.getvalue().split())
+    assert "the machine was busy: other processes used 60% of the CPUs" in text
+    assert "never handed back as a quiet machine's" in text
+    assert autoload.TuneResult.from_json(busy.to_json()).busy
+
+
+def test_cores_left_idle_by_the_defaults_widen_workers_past_the_cpus(clock):
+    # Cheap items (fetching is a sliver of the time) and a step on one core of two: half the
+    # machine idles at num_workers=0, and workers past the CPU count stay in reach.
+    from dataclasses import replace
+
+    class CheapItems(PipelineProbe):
+        def measure(self, config, window):
+            return replace(super().measure(config, window), data_wait_fraction=0.02)
+
+    probe = CheapItems(clock, n=4096, cpu=1e-7, step_fixed=2e-3)
+    result = autoload.tune(TensorDataset(torch.zeros(4096, 2)), probe=probe, clock=clock,
+                           timeout=60)
+    assert any("the cores were idle" in note and "up to 8" in note for note in result.notes)

@@ -48,6 +48,19 @@ class Hangs(Indexed):
         time.sleep(3600)
 
 
+class HangsFrom(Indexed):
+    """Items up to ``first`` come at once; from it on ``__getitem__`` never returns."""
+
+    def __init__(self, n: int, first: int) -> None:
+        super().__init__(n)
+        self.first = first
+
+    def __getitem__(self, i: int):
+        if i >= self.first:
+            time.sleep(3600)
+        return super().__getitem__(i)
+
+
 class DiesInWorker(Indexed):
     def __getitem__(self, i: int):
         if get_worker_info() is not None:

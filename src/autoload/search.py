@@ -180,8 +180,9 @@ class SearchState:
 
     def min_deadline(self, seconds: float | None = None) -> float:
         """The least hard deadline a measurement of ``seconds`` (a search window's by default)
-        gets near the budget's end: its window twice, and the start-up a probe has taken."""
-        return 2 * (seconds or self.window.seconds) + max(self.overhead(), _OVERHEAD_GUESS)
+        gets near the budget's end: its window and the start-up a probe has taken (on a 60 s
+        budget about 3% of it: the most a hang there can add to the run)."""
+        return (seconds or self.window.seconds) + max(self.overhead(), _OVERHEAD_GUESS)
 
     def overhead(self, config: LoaderConfig | None = None) -> float:
         """Seconds a probe of ``config`` spends outside its window (the median, if unknown)."""
