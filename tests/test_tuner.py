@@ -470,3 +470,18 @@ def test_cores_left_idle_by_the_defaults_widen_workers_past_the_cpus(clock):
     result = autoload.tune(TensorDataset(torch.zeros(4096, 2)), probe=probe, clock=clock,
                            timeout=60)
     assert any("the cores were idle" in note and "up to 8" in note for note in result.notes)
+
+
+def test_a_tie_that_gives_speed_away_is_settled_by_more_rounds_of_the_two(clock):
+    # w=4 is 2.5% faster than w=2 and w=3, under noise that makes that a close call: after the
+    # planned rounds the simpler w=2 was within the margin but more than 1% behind, so the two
+    # ran once more side by side, in the time the plan held back for it.
+    def rate(config):
+        return 10000 * {4: 1.0, 3: 0.975, 2: 0.975}.get(config.num_workers, 0.6)
+
+    result = autoload.tune(DATA, probe=SurfaceProbe(clock, rate, noise=0.08, seed=1),
+                           clock=clock, timeout=60, batch_size=64, prefetch_factor=2,
+                           amp="off", max_workers=4)
+    assert any("1 round more side by side" in note for note in result.notes)
+    rounds = {f.config.num_workers: len(f.rates) for f in result.finalists}
+    assert rounds[4] == rounds[2] == rounds[3] + 1

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from autoload.config import LoaderConfig
 from autoload.errors import AutoloadError, TuningFailedError
 from autoload.pipeline import PipelineModel
-from autoload.probe import Measurement, Window
+from autoload.probe import Measurement, TrialTimeout, Window
 from autoload.result import FinalistRecord, ProgressEvent, Role, TuneResult
 from autoload.search import FINAL_WINDOW, SearchState, fault_reason
 
@@ -20,11 +20,13 @@ T = TypeVar("T")
 
 # A simpler finalist this close to the best wins (the gap is noise): one standard deviation of
 # the difference of two medians, but at least _TIE_MIN and at most _TIE_MAX.
-_TIE_MIN, _TIE_MAX = 0.01, 0.03
+_TIE_MIN, _TIE_MAX = 0.005, 0.03
 _MAX_FINAL_WINDOWS = 5  # final windows at most this many search windows long
 _FINAL_MIN_BATCHES = 4  # a final rate rests on a few batches at least, even slow ones
 _EXTRA_ROUNDS = 2  # close finalists get up to this many times the planned rounds, time allowing
 _DROP_MIN = 0.05  # a finalist is clearly behind only when at least this far under the best
+_DUEL_GAP = 0.01  # a tie that gives more speed away than this is re-measured first
+_DUEL_WINDOWS = 2  # held back in the plan for one more round of the two a tie separates
 
 
 def interleaved(items: Sequence[T], round_index: int) -> list[T]:
@@ -47,12 +49,12 @@ def _simplicity(config: LoaderConfig) -> tuple[int, int, bool, bool]:
             config.amp is not None)
 
 
-def _preference(record: FinalistRecord, reference: int) -> tuple[Any, ...]:
+def _preference_of(config: LoaderConfig, median: float, reference: int) -> tuple[Any, ...]:
     """How tied finalists are ranked: the simplest loader first; between equally simple ones,
     the batch size nearest the reference (the user's, or the defaults'), which changes their
     training least; then the faster."""
-    distance = abs(math.log(record.config.batch_size / reference))
-    return (*_simplicity(record.config), round(distance, 6), -record.median)
+    distance = abs(math.log(config.batch_size / reference))
+    return (*_simplicity(config), round(distance, 6), -median)
 
 
 def _median(ms: Sequence[Measurement], name: str = "samples_per_second") -> float:
@@ -82,22 +84,43 @@ class _Remeasure:
     def left(self) -> float:
         return self.deadline - self.state.clock()
 
+    def active(self) -> list[LoaderConfig]:
+        return [c for c in self.finalists if c not in self.faulted and c not in self.behind]
+
+    def measured(self) -> dict[LoaderConfig, list[Measurement]]:
+        return {c: v for c, v in self.results.items() if v and c not in self.faulted}
+
     def run(self) -> dict[LoaderConfig, list[Measurement]]:
-        most = self.rounds if not self.state.budget.limited else _EXTRA_ROUNDS * self.rounds
-        for r in range(most):
-            active = [c for c in self.finalists if c not in self.faulted and c not in self.behind]
+        """The planned rounds."""
+        for r in range(self.rounds):
+            active = self.active()
             if not active:
                 break
-            if r >= self.rounds:  # an extra round: only for close finalists, if it fits
-                cost = sum(self.seconds + self.state.overhead(c) for c in active)
-                if len(active) < 2 or self.left() < cost:
-                    break
-                self.total += len(active)
             for config in interleaved(active, r):
                 self._measure(config, r)
             if r >= 1:
                 self._drop_behind(active, r + 1)
-        return {c: v for c, v in self.results.items() if v and c not in self.faulted}
+        return self.measured()
+
+    def more(self, only: Sequence[LoaderConfig] | None = None) -> int:
+        """Extra rounds, each only if it fits the budget (none without one): of ``only``, or
+        of every finalist still close (those clearly behind drop out as they go). Returns the
+        rounds run."""
+        done = 0
+        if not self.state.budget.limited:
+            return done
+        for r in range(self.rounds, _EXTRA_ROUNDS * self.rounds):
+            active = [c for c in self.active() if only is None or c in only]
+            cost = sum(self.seconds + self.state.overhead(c) for c in active)
+            if len(active) < 2 or self.left() < cost:
+                break
+            self.total += len(active)
+            for config in interleaved(active, r):
+                self._measure(config, r)
+            if only is None:
+                self._drop_behind(active, r + 1)
+            done += 1
+        return done
 
     def _measure(self, config: LoaderConfig, r: int) -> None:
         # The soft limit (after the first batch) covers the warm-up and the window, and never
@@ -110,9 +133,9 @@ class _Remeasure:
                 self.total -= 1
                 return  # out of time: keep the rates measured so far
             limit = min(limit, max(self.seconds / 2, left))
-        window = Window(seconds=self.seconds,
-                        deadline=state.budget.deadline(
-                            state.window.deadline, at_least=state.min_deadline(self.seconds)),
+        deadline = state.budget.deadline(state.window.deadline,
+                                         at_least=state.min_deadline(self.seconds))
+        window = Window(seconds=self.seconds, deadline=deadline,
                         min_batches=_FINAL_MIN_BATCHES, time_limit=limit)
         try:
             measurement = state.probe.measure(config, window)
@@ -121,8 +144,12 @@ class _Remeasure:
         except AutoloadError:
             raise
         except Exception as exc:  # a finalist that faults now is out, whatever it did before
-            self.faulted[config] = fault_reason(exc)
             self.late_fault = self.late_fault or self.left() <= 0
+            if _out_of_budget(exc, deadline, state.window.deadline):
+                self.total -= max(0, self.rounds - r - 1)
+                self.done += 1
+                return  # the budget ended it, not a fault of its own: keep what it measured
+            self.faulted[config] = fault_reason(exc)
             self.total -= max(0, self.rounds - r - 1)
         self.done += 1
         if state.progress is not None:
@@ -148,6 +175,26 @@ class _Remeasure:
         out = {c for c, ms in measured.items() if max(m.samples_per_second for m in ms) < floor}
         self.total -= len(out - self.behind) * max(0, self.rounds - rounds_done)
         self.behind |= out
+
+
+def _decide(state: SearchState, measured: dict[LoaderConfig, list[Measurement]],
+            seconds: float, reference: int,
+            pair: tuple[LoaderConfig, LoaderConfig] | None = None,
+            ) -> tuple[LoaderConfig, LoaderConfig, float]:
+    """The winner, the fastest, and the tie margin: the simplest finalist within the margin
+    of the fastest median. After a duel the margin is the noise of the two dueled (their
+    rounds, their spread), since they alone are being told apart."""
+    medians = {c: _median(ms) for c, ms in measured.items()}
+    fastest = max(medians, key=lambda c: medians[c])
+    basis = measured if pair is None else {c: measured[c] for c in pair if c in measured}
+    tie = _tie_margin(state, basis, seconds)
+    tied = [c for c, rate in medians.items() if rate >= medians[fastest] * (1 - tie)]
+    winner = min(tied, key=lambda c: _preference_of(c, medians[c], reference))
+    return winner, fastest, tie
+
+
+def _count_rounds(n: int) -> str:
+    return f"{n} round" if n == 1 else f"{n} rounds"
 
 
 def _window_cv(state: SearchState, measured: dict[LoaderConfig, list[Measurement]],
@@ -198,12 +245,24 @@ def _plan(state: SearchState, finalists: list[LoaderConfig]) -> tuple[int, float
         return wanted, seconds
     shortest = state.base_seconds / 2
     left = state.budget.end - state.window.seconds - state.clock()
-    overhead = sum(state.overhead(c) for c in finalists)
+    mean_overhead = statistics.fmean(state.overhead(c) for c in finalists)
+    # Two windows are held back for a duel (see finish), once there are finalists enough for
+    # a tie to give speed away; unused, they go to extra rounds or the step-alone bound.
+    duel = _DUEL_WINDOWS if len(finalists) >= 3 else 0
     for rounds in range(wanted, 0, -1):
-        seconds = (left / rounds - overhead) / len(finalists)
+        windows = len(finalists) + duel / rounds  # a round's share of the duel included
+        seconds = left / rounds / windows - mean_overhead
         if seconds >= shortest:
             break
     return rounds, min(max(seconds, shortest), _MAX_FINAL_WINDOWS * state.window.seconds)
+
+
+def _out_of_budget(exc: Exception, deadline: float, usual: float) -> bool:
+    """A deadline that the budget's end brought forward, passed while the loader still
+    delivered (a start-up or a step too slow for the time left): the budget ended the window,
+    not a fault of the configuration. Items that stopped arriving are a fault either way."""
+    return (isinstance(exc, TrialTimeout) and deadline < usual
+            and not str(exc).startswith("items stopped arriving"))
 
 
 def _no_finalist_error(faulted: dict[LoaderConfig, str],
@@ -278,24 +337,35 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
     measured = remeasure.run()
     if not measured:
         raise _no_finalist_error(remeasure.faulted, [reason for reason, _ in state.failures])
-    records = _records(finalists, measured, model, state)
-    top = max(f.median for f in records.values())
-    tie = _tie_margin(state, measured, seconds)
     reference = (state.baselines[0].batch_size if state.baselines else
-                 max(records.values(), key=lambda f: f.median).config.batch_size)
-    winner = min((f for f in records.values() if f.median >= top * (1 - tie)),
-                 key=lambda f: _preference(f, reference))
+                 max(measured, key=lambda c: _median(measured[c])).batch_size)
+    winner, fastest, tie = _decide(state, measured, seconds, reference)
+    duel = 0
+    if fastest != winner and _median(measured[fastest]) > (1 + _DUEL_GAP) * _median(
+            measured[winner]):
+        # A tie that gives speed away is settled by more rounds of the two, not by the margin.
+        duel = remeasure.more([fastest, winner])
+    else:
+        remeasure.more()
+    measured = remeasure.measured()
+    winner, fastest, tie = _decide(state, measured, seconds, reference,
+                                   pair=(fastest, winner) if duel else None)
+    records = _records(finalists, measured, model, state)
     most = max(len(ms) for ms in measured.values())
     behind = sum(1 for ms in measured.values() if len(ms) < most)
     dropped = (f" ({behind} clearly behind after fewer rounds)" if behind else "")
+    dueled = (f" (the fastest and a simpler one near it, {_count_rounds(duel)} more side by "
+              "side)" if duel else "")
     notes.append(
         f"noise: one second of measuring a configuration varied by about "
         f"{state.noise.per_second:.1%} from run to run, so search windows lasted "
         f"{state.window.seconds:.2f} s and the finalists ran up to {most} x {seconds:.2f} s"
-        f"{dropped}; those within {tie:.1%} of the best counted as tied, and the simplest of "
-        f"them won (between equally simple ones, the batch size nearest {reference})."
+        f"{dropped}; those within {tie:.1%} of the best counted as tied{dueled}, and the "
+        f"simplest of them won (between equally simple ones, the batch size nearest "
+        f"{reference})."
     )
-    step_rate = _step_rate(state, winner)
+    winner_record = records[winner]
+    step_rate = _step_rate(state, winner_record)
     pilot = state.measured.get(state.baselines[0])
     fetch_rate = None
     if pilot is not None and pilot.state == "ok" and pilot.data_wait_fraction:
@@ -303,10 +373,10 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
         fetch_rate = pilot.samples_per_second / pilot.data_wait_fraction
     baselines = {role: f.median for f in records.values() for role in finalists[f.config]
                  if role in ("defaults", "recipe")}
-    prediction = None if model is None else model.predict(winner.config)
+    prediction = None if model is None else model.predict(winner)
     return TuneResult(
-        config=winner.config, loader_kwargs=winner.config.loader_kwargs(), amp=winner.config.amp,
-        samples_per_second=winner.median, baselines=baselines,
+        config=winner, loader_kwargs=winner.loader_kwargs(), amp=winner.amp,
+        samples_per_second=winner_record.median, baselines=baselines,
         finalists=tuple(sorted(records.values(), key=lambda f: -f.median)),
         trials=tuple(state.records), device=device, samples_per_epoch=samples_per_epoch,
         elapsed_seconds=state.budget.elapsed(), space_size=state.space.size, notes=tuple(notes),

@@ -220,8 +220,9 @@ def _split_lines(result: TuneResult) -> list[str]:
         return []
     return [f"  the loader settings alone give {alone.median / defaults:.2f}x "
             f"({alone.config.label()}: no change to training)",
-            f"  {' and '.join(changes)} add {result.samples_per_second / alone.median:.2f}x, "
-            "and change training (see below)"]
+            f"  {' and '.join(changes)} {'add' if len(changes) > 1 else 'adds'} "
+            f"{result.samples_per_second / alone.median:.2f}x, and "
+            f"{'change' if len(changes) > 1 else 'changes'} training (see below)"]
 
 
 def _bound_lines(result: TuneResult) -> list[str]:
