@@ -382,5 +382,6 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
         elapsed_seconds=state.budget.elapsed(), space_size=state.space.size, notes=tuple(notes),
         step_rate=step_rate, fetch_rate=fetch_rate, noise_cv=state.noise.per_second,
         limit=None if prediction is None else prediction.bound,
-        others_cpu=state.others_cpu(), faults=tuple(sorted(set(remeasure.faulted.values()))),
+        others_cpu=state.others_cpu(), busy=state.busy(),
+        faults=tuple(sorted(set(remeasure.faulted.values()))),
     )

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from autoload.config import AmpDtype, LoaderConfig
-from autoload.cpuload import BUSY
 from autoload.errors import ResultFileError
 from autoload.timing import Costs
 
@@ -261,8 +260,10 @@ class TuneResult:
             the defaults', and says so).
         optimizer: The optimizer's class name, when a model was trained.
         others_cpu: The median share of the CPUs (0 to 1) that other processes took while
-            autoload measured; from :data:`autoload.cpuload.BUSY` on, the machine was busy
-            and the rates are the loader's share of a machine it did not have to itself.
+            autoload measured, when it could be read.
+        busy: That share was :data:`autoload.cpuload.BUSY` or more: the rates are the
+            loader's share of a machine it did not have to itself, and the cache never hands
+            this result back.
         faults: Why finalists that faulted in the side-by-side re-measure were left out
             (one line each, the same reason once).
         cached: Where this result was read from, when it came from the cache (not saved).
@@ -287,14 +288,10 @@ class TuneResult:
     reference_batch_size: int | None = None
     optimizer: str | None = None
     others_cpu: float | None = None
+    busy: bool = False
     faults: tuple[str, ...] = ()
     loader_options: dict[str, Any] = field(default_factory=dict)
     cached: str | None = None
-
-    @property
-    def busy(self) -> bool:
-        """Whether other processes took a large share of the CPUs while autoload measured."""
-        return self.others_cpu is not None and self.others_cpu >= BUSY
 
     @property
     def dataloader_kwargs(self) -> dict[str, Any]:
@@ -399,6 +396,7 @@ class TuneResult:
             "reference_batch_size": self.reference_batch_size,
             "optimizer": self.optimizer,
             "others_cpu": self.others_cpu,
+            "busy": self.busy,
             "faults": list(self.faults),
             "loader_options": self.loader_options,
             "format_version": FORMAT_VERSION,
@@ -436,6 +434,7 @@ class TuneResult:
                 reference_batch_size=data.get("reference_batch_size"),
                 optimizer=data.get("optimizer"),
                 others_cpu=data.get("others_cpu"),
+                busy=bool(data.get("busy", False)),
                 faults=tuple(data.get("faults", ())),
                 loader_options=dict(data.get("loader_options") or {}),
             )
