@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -426,7 +426,3 @@ def _nelder_mead(f: Callable[[np.ndarray], float], x0: np.ndarray, *, step: floa
                 values = [f(x) for x in simplex]
     winner: np.ndarray = np.asarray(simplex[int(np.argmin(values))])
     return winner
-
-
-def with_amp(config: LoaderConfig, amp: AmpDtype | None) -> LoaderConfig:
-    return replace(config, amp=amp)

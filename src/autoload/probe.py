@@ -173,7 +173,7 @@ class _ShortFirstEpoch(Sampler[int]):
 def make_step(config: LoaderConfig, *, device: torch.device, model: nn.Module | None,
               optimizer: torch.optim.Optimizer | None, loss_fn: LossFn | None,
               step: StepFn | None) -> Callable[[Any], None]:
-    """The seed article's training step under ``config``: the copy to the device (non-blocking
+    """A plain training step under ``config``: the copy to the device (non-blocking
     when pinned), the forward pass under autocast, the loss, ``zero_grad``, backward and
     ``step`` (through a ``GradScaler`` for float16 on CUDA); without a model, the copy alone."""
     pin = config.pin_memory
@@ -212,7 +212,7 @@ def _warmup_batches(config: LoaderConfig) -> int:
 
 
 class TrainingProbe(Probe):
-    """Runs the seed article's training loop (or a data-only loop) over a real DataLoader.
+    """Runs a plain training loop (or a data-only loop) over a real DataLoader.
 
     Args:
         dataset: The data set.

@@ -30,11 +30,6 @@ from autoload.errors import ConfigError, DatasetError
 
 __all__ = ["Source", "lightning_optimizer", "lightning_step", "loss_of", "resolve"]
 
-# DataLoader arguments autoload tunes (and so never carries over).
-TUNED = ("batch_size", "num_workers", "pin_memory", "prefetch_factor", "persistent_workers",
-         "drop_last")
-
-
 @dataclass(frozen=True, kw_only=True)
 class Source:
     """The data a tuning run works on.
