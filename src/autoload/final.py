@@ -143,14 +143,13 @@ class _Remeasure:
             state.note_load(measurement)
         except AutoloadError:
             raise
-        except Exception as exc:  # a finalist that faults now is out, whatever it did before
+        except Exception as exc:
             self.late_fault = self.late_fault or self.left() <= 0
-            if _out_of_budget(exc, deadline, state.window.deadline):
+            # A finalist that faults now is out, whatever it did before; one the budget's end
+            # cut keeps what it measured (its later rounds find no time and are skipped).
+            if not _out_of_budget(exc, deadline, state.window.deadline):
+                self.faulted[config] = fault_reason(exc)
                 self.total -= max(0, self.rounds - r - 1)
-                self.done += 1
-                return  # the budget ended it, not a fault of its own: keep what it measured
-            self.faulted[config] = fault_reason(exc)
-            self.total -= max(0, self.rounds - r - 1)
         self.done += 1
         if state.progress is not None:
             best = max(((_median(v), c) for c, v in self.results.items() if v),

@@ -434,6 +434,9 @@ class TrainingProbe(Probe):
             error: Exception = exc
             if isinstance(exc, TrialTimeout) or str(exc).startswith("DataLoader timed out"):
                 error = TrialTimeout(self._stalled(exc))  # the alarm, or the workers' timeout
+                # The original stays the new one's context: its frames hold the loader's
+                # iterator, which would keep the workers alive as long as the error lives.
+                traceback.clear_frames(exc.__traceback__)
             if self.sync is not None:
                 return None, error
             if error is exc:
