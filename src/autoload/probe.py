@@ -428,20 +428,22 @@ class TrainingProbe(Probe):
     def _fetch(self, it: Iterator[Any]) -> tuple[Any, BaseException | None]:
         """The next batch (or the epoch's end). In a job a fault is held back for the vote,
         so that no rank steps (and waits in DDP's all-reduce) while another cannot."""
+        # No exception is kept in a local name here: a raised one's traceback holds this
+        # frame, whose locals hold the loader's iterator, and the cycle would keep the
+        # workers alive until a full collection.
         try:
             return next(it, _END), None
         except Exception as exc:
-            error: Exception = exc
             if isinstance(exc, TrialTimeout) or str(exc).startswith("DataLoader timed out"):
-                error = TrialTimeout(self._stalled(exc))  # the alarm, or the workers' timeout
-                # The original stays the new one's context: its frames hold the loader's
-                # iterator, which would keep the workers alive as long as the error lives.
+                # The alarm, or the workers' own timeout, while waiting for a batch.
+                stalled = self._stalled(exc)  # before the frames that tell the index go
                 traceback.clear_frames(exc.__traceback__)
+                if self.sync is not None:
+                    return None, TrialTimeout(stalled)
+                raise TrialTimeout(stalled) from None
             if self.sync is not None:
-                return None, error
-            if error is exc:
-                raise
-            raise error from None
+                return None, exc
+            raise
 
     def _stalled(self, exc: BaseException) -> str:
         """A deadline that passed while the loop waited for a batch: items stopped arriving.
