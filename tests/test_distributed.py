@@ -60,7 +60,7 @@ def test_a_rank_that_dies_ends_the_others_cleanly_without_a_hang(tmp_path):
 
 
 def test_a_rank_that_stops_answering_is_named_not_taken_for_a_faulty_configuration(tmp_path):
-    proc, _ = _torchrun(tmp_path, AUTOLOAD_TEST_HANG="1", AUTOLOAD_TEST_TIMEOUT="30")
+    proc, _ = _torchrun(tmp_path, AUTOLOAD_TEST_HANG="1", AUTOLOAD_TEST_TIMEOUT="14")
     assert proc.returncode != 0
     said = [line for line in proc.stderr.splitlines() if line.startswith("autoload: rank 0:")]
     assert len(said) == 1, proc.stderr[-3000:]
