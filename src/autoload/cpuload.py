@@ -15,14 +15,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoload.memory import tree_pids
+import psutil
+
+from autoload.memory import CLOCK_TICKS, cpu_seconds, tree_pids
 
 __all__ = ["BUSY", "CpuReading", "others_share", "read"]
 
 BUSY = 0.2  # other processes took at least this share of the CPUs: the machine was busy
 
 _STAT = Path("/proc/stat")
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # user nice system idle iowait irq softirq steal: every field but idle and iowait is work.
 _WORK_FIELDS = (0, 1, 2, 5, 6, 7)
 
@@ -63,26 +64,18 @@ def _busy_seconds(allowed: set[int] | None) -> tuple[float, int] | None:
             continue
         total += sum(fields[i] for i in _WORK_FIELDS if i < len(fields))
         cpus += 1
-    return (total / _TICKS, cpus) if cpus else None
+    return (total / CLOCK_TICKS, cpus) if cpus else None
 
 
 def _own_seconds(root: int) -> float:
-    """CPU seconds of ``root`` (with the children it has waited for) and its live
-    descendants."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone between the listing and the read
-        # utime stime, and for the root cutime cstime (reaped workers' time stays counted)
-        wanted = (11, 12, 13, 14) if pid == root else (11, 12)
-        try:
-            total += sum(int(fields[i]) for i in wanted)
-        except (ValueError, IndexError):
-            continue
-    return total / _TICKS
+    """CPU seconds of ``root`` (with the children it has waited for: reaped workers' time
+    stays counted) and its live descendants."""
+    try:
+        times = psutil.Process(root).cpu_times()
+        mine = float(times.user + times.system + times.children_user + times.children_system)
+    except psutil.Error:
+        mine = 0.0
+    return mine + cpu_seconds(tree_pids(root)[1:])
 
 
 def read(root: int | None = None) -> CpuReading | None:

@@ -163,7 +163,7 @@ def cpu_seconds(pids: Iterable[int]) -> float:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / _TICKS
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
         except (OSError, ValueError, IndexError):
             try:
                 times = psutil.Process(pid).cpu_times()
@@ -173,7 +173,7 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total
 
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc time unit
 
 
 class ProcessTreeMemory:
