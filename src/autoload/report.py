@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -22,7 +23,7 @@ from autoload.config import LoaderConfig
 from autoload.memory import format_size
 from autoload.result import FinalistRecord, ProgressEvent, TuneResult
 
-__all__ = ["LiveProgress", "render_report", "snippet"]
+__all__ = ["LiveProgress", "render_report", "report_text", "snippet", "training_arguments_snippet"]
 
 
 def _rate(x: float) -> str:
@@ -51,6 +52,15 @@ def snippet(result: TuneResult) -> str:
     return "\n".join(lines)
 
 
+def training_arguments_snippet(result: TuneResult) -> str:
+    """The winning settings as Hugging Face ``TrainingArguments``, copy-pasteable
+    (:meth:`TuneResult.training_arguments`)."""
+    lines = ["args = TrainingArguments(", '    output_dir="out",  # and your other arguments']
+    lines += [f"    {k}={v!r}," for k, v in result.training_arguments().items()]
+    lines.append(")")
+    return "\n".join(lines)
+
+
 def render_report(result: TuneResult) -> RenderableType:
     """The whole report as one rich renderable."""
     head = Text.assemble(
@@ -59,9 +69,24 @@ def render_report(result: TuneResult) -> RenderableType:
         f" ({len(result.trials)} trials over a space of {result.space_size}, "
         f"{result.elapsed_seconds:.0f} s)",
     )
-    return Group(head, _Finalists(result), Text("\n".join(_lines(result))),
-                 Text("Winning settings:", style="bold"),
-                 Syntax(snippet(result), "python", theme="ansi_dark", background_color="default"))
+    parts: list[RenderableType] = [
+        head, _Finalists(result), Text("\n".join(_lines(result))),
+        Text("Winning settings:", style="bold"), _python(snippet(result))]
+    if result.framework == "transformers":
+        parts += [Text("With the Hugging Face Trainer:", style="bold"),
+                  _python(training_arguments_snippet(result))]
+    return Group(*parts)
+
+
+def report_text(result: TuneResult, *, width: int = 100) -> str:
+    """The report as plain text (no colour, no markup), for a log."""
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None).print(render_report(result))
+    return out.getvalue()
+
+
+def _python(code: str) -> Syntax:
+    return Syntax(code, "python", theme="ansi_dark", background_color="default")
 
 
 class _Finalists:

@@ -24,6 +24,7 @@ __all__ = [
 
 TrialState = Literal["ok", "infeasible", "failed", "repeat"]
 Role = Literal["candidate", "defaults", "recipe", "loader-only"]
+Framework = Literal["transformers"]  # training frameworks whose settings the report shows
 FORMAT_VERSION = 2  # 2 added loader_options; 1 is read as without them
 
 
@@ -267,6 +268,8 @@ class TuneResult:
         faults: Why finalists that faulted in the side-by-side re-measure were left out
             (one line each, the same reason once).
         cached: Where this result was read from, when it came from the cache (not saved).
+        framework: ``"transformers"`` when the model is a Hugging Face ``PreTrainedModel``: the
+            report then shows the winner as ``TrainingArguments`` too.
     """
 
     config: LoaderConfig
@@ -292,6 +295,7 @@ class TuneResult:
     faults: tuple[str, ...] = ()
     loader_options: dict[str, Any] = field(default_factory=dict)
     cached: str | None = None
+    framework: Framework | None = None
 
     @property
     def dataloader_kwargs(self) -> dict[str, Any]:
@@ -365,6 +369,38 @@ class TuneResult:
             lines.append(line)
         return lines
 
+    def training_arguments(self) -> dict[str, Any]:
+        """The winner as Hugging Face ``TrainingArguments`` fields, for the ``Trainer``.
+
+        ``dataloader_prefetch_factor`` is ``None`` without workers (``TrainingArguments``
+        refuses it then); autocast becomes ``bf16`` or ``fp16`` (the ``Trainer`` scales an fp16
+        loss itself); ``use_cpu=True`` when the result was tuned on the CPU, since these are
+        the CPU's settings (and ``TrainingArguments`` wants it for ``bf16`` there).
+
+        Example:
+            >>> from autoload.config import LoaderConfig
+            >>> result = TuneResult(config=LoaderConfig(32), loader_kwargs={}, amp=None,
+            ...     samples_per_second=1.0, baselines={}, finalists=(), trials=(),
+            ...     device="cuda:0", samples_per_epoch=64, elapsed_seconds=1.0, space_size=1)
+            >>> result.training_arguments()["per_device_train_batch_size"]
+            32
+        """
+        config = self.config
+        workers = config.num_workers
+        arguments: dict[str, Any] = {
+            "per_device_train_batch_size": config.batch_size,
+            "dataloader_num_workers": workers,
+            "dataloader_prefetch_factor": config.prefetch_factor if workers else None,
+            "dataloader_pin_memory": config.pin_memory,
+            "dataloader_persistent_workers": workers > 0,
+            "dataloader_drop_last": config.drop_last,
+            "bf16": self.amp == "bfloat16",
+            "fp16": self.amp == "float16",
+        }
+        if self.device.split(":")[0] == "cpu":
+            arguments["use_cpu"] = True
+        return arguments
+
     def speedup(self, baseline: str) -> float | None:
         rate = self.baselines.get(baseline)
         return self.samples_per_second / rate if rate else None
@@ -399,6 +435,7 @@ class TuneResult:
             "busy": self.busy,
             "faults": list(self.faults),
             "loader_options": self.loader_options,
+            "framework": self.framework,
             "format_version": FORMAT_VERSION,
         }
         return json.dumps(data, indent=indent)
@@ -437,6 +474,7 @@ class TuneResult:
                 busy=bool(data.get("busy", False)),
                 faults=tuple(data.get("faults", ())),
                 loader_options=dict(data.get("loader_options") or {}),
+                framework=_framework(data.get("framework")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ResultFileError(
@@ -459,3 +497,10 @@ class TuneResult:
             raise ResultFileError(f"cannot read result file {str(path)!r}: {exc.strerror}.") \
                 from exc
         return cls.from_json(text)
+
+
+def _framework(value: Any) -> Framework | None:
+    """A stored framework name, ``None`` for one this version does not know (or none)."""
+    if value == "transformers":
+        return "transformers"
+    return None

@@ -5,7 +5,8 @@ A training script already has one of: a ``Dataset``; a ``DataLoader`` with its o
 either; or a Lightning ``LightningDataModule``. Each becomes a :class:`Source`: the data set, the
 loader arguments autoload does not tune (carried over untouched, so a tuned loader differs from
 the user's only in the tuned keys), and the batch size the user trained at. A model can bring
-its own step: a ``LightningModule``'s ``training_step`` and optimizer.
+its own step: a ``LightningModule``'s ``training_step`` and optimizer. Frameworks are recognised
+by the names in a class's MRO, so that nothing here imports them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from torch.utils.data import (
 
 from autoload.errors import ConfigError, DatasetError
 
-__all__ = ["Source", "lightning_optimizer", "lightning_step", "loss_of", "resolve"]
+__all__ = ["Source", "is_transformers_model", "lightning_optimizer", "lightning_step", "loss_of",
+           "resolve"]
 
 @dataclass(frozen=True, kw_only=True)
 class Source:
@@ -182,6 +184,14 @@ def loss_of(out: Any, where: str) -> torch.Tensor:
     raise DatasetError(f"{where} returned no loss tensor (got {got}); backward() needs a "
                        f"tensor{hint}: return the loss tensor itself, or a dict or object with "
                        "a 'loss' tensor.")
+
+
+def is_transformers_model(model: Any) -> bool:
+    """Whether ``model`` is a Hugging Face ``PreTrainedModel`` (read from its class's MRO, so
+    that a program without transformers never imports it)."""
+    return any(klass.__name__ == "PreTrainedModel"
+               and klass.__module__.split(".")[0] == "transformers"
+               for klass in type(model).__mro__)
 
 
 def lightning_step(model: nn.Module) -> Callable[[nn.Module, Any], torch.Tensor] | None:

@@ -37,7 +37,7 @@ from autoload.memory import ProcessTreeMemory, default_memory_cap, format_size, 
 from autoload.pipeline import PipelineModel
 from autoload.plan import PlannedSampler, Planner
 from autoload.probe import LossFn, Probe, StepFn, TrainingProbe, Window
-from autoload.result import ProgressCallback, TuneResult
+from autoload.result import Framework, ProgressCallback, TuneResult
 from autoload.search import (
     SearchState,
     describe_error,
@@ -46,7 +46,13 @@ from autoload.search import (
     no_feasible_error,
     widen_for_slow_fetches,
 )
-from autoload.sources import Source, lightning_optimizer, lightning_step, resolve
+from autoload.sources import (
+    Source,
+    is_transformers_model,
+    lightning_optimizer,
+    lightning_step,
+    resolve,
+)
 from autoload.space import (
     AmpChoice,
     SearchSpace,
@@ -255,7 +261,7 @@ def tune(
             "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap})
         remembered = _remembered(parts, channel, cache_dir)
         if remembered is not None:
-            return remembered
+            return replace(remembered, framework=_framework(model))
     if probe is None:
         probe = _default_probe(given.source.dataset, given.device, model=model, loss_fn=loss_fn,
                                optimizer=given.optimizer, step=given.step,
@@ -275,7 +281,7 @@ def tune(
                    seed=seed, storage=storage, study_name=study_name, device=str(given.device),
                    widen=num_workers is None and max_workers is None,
                    ranks=1 if world is None else world.size)
-    result = replace(result, loader_options=given.kept,
+    result = replace(result, loader_options=given.kept, framework=_framework(model),
                      reference_batch_size=given.source.batch_size or (
                          batch_size if isinstance(batch_size, int) else None),
                      optimizer=None if model is None else type(probe_optimizer(
@@ -321,6 +327,10 @@ def _resolve(dataset: Any, world: World | None, *, model: nn.Module | None,
     return _Given(source=source, loader_options=options, step=step,
                   optimizer=optimizer, n=_samples_per_epoch(source.dataset, options),
                   device=_resolve_device(device, model), kept=kept)
+
+
+def _framework(model: nn.Module | None) -> Framework | None:
+    return "transformers" if is_transformers_model(model) else None
 
 
 def _fingerprint(given: _Given, *, model: nn.Module | None, loss_fn: LossFn | None,
