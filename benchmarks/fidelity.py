@@ -35,7 +35,10 @@ The workloads (``--only`` takes their indices):
      ``bs=800 w=4 pf=2``: 3): the workers' first round of prefetches is the whole epoch;
 7.   heavy step, cheap items: in-memory 3x64x64 images and a six-conv CNN of ~65 ms a step at
      batch size 64 on one core (``cases/heavy_step.py``), at ``num_workers`` 0, CPUs and 4x
-     CPUs, prefetch 2 and 4: workers only take cores from the model.
+     CPUs, prefetch 2 and 4: workers only take cores from the model;
+8.   one-round epochs longer than the window: 6,300 items that wait 2 ms, 14 batches of 450
+     at ``w=8 pf=4`` and ``w=4 pf=4`` (every batch requested at the epoch's start), an epoch of
+     1.5-3 s, so the probe projects an epoch the workers make in one round.
 
 A last line measures what the instrument itself costs: the plain loop with and without the
 probe's memory watchdog running beside it, at 4x the CPU count. Targets, for each loader and
@@ -107,6 +110,12 @@ def _one_round_configs(cpus: int) -> list[LoaderConfig]:
             LoaderConfig(800, num_workers=4, prefetch_factor=2)]
 
 
+def _long_round_configs(cpus: int) -> list[LoaderConfig]:
+    """One-round epochs longer than a window: 14 batches of 450 against 32 and 16 in flight."""
+    return [LoaderConfig(450, num_workers=8, prefetch_factor=4),
+            LoaderConfig(450, num_workers=4, prefetch_factor=4)]
+
+
 def _heavy_step_configs(cpus: int) -> list[LoaderConfig]:
     return [LoaderConfig(64)] + [LoaderConfig(64, num_workers=w, prefetch_factor=pf)
                                  for w in (cpus, 4 * cpus) for pf in (2, 4)]
@@ -138,6 +147,12 @@ def workloads(quick: bool) -> list[Workload]:
                  make=lambda: heavy_step.make_dataset(heavy_step.QUICK_N if quick
                                                       else heavy_step.N),
                  model=heavy_step.make_model, configs=_heavy_step_configs),
+        # 6,300 items that wait 2 ms (3,150 quick): 14 (7) batches of 450, all requested at
+        # once, and an epoch of 1.5-3 s, longer than the search's window, so that the probe
+        # projects an epoch that is one round of the workers.
+        Workload(name="items that wait 2 ms, data only", epochs="one round, long",
+                 batch_size=450, make=lambda: c_io_wait.make_dataset(6300 // (2 if quick else 1)),
+                 model=lambda: None, configs=_long_round_configs),
     ]
 
 
@@ -390,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller data sets, 1 round")
     parser.add_argument("--only", help="comma-separated workload indices to run: 0-5 the "
                         "original six (rows, images, waits; short, long), 6 one-round "
-                        "epochs, 7 heavy step with cheap items")
+                        "epochs, 7 heavy step with cheap items, 8 one-round epochs longer than "
+                        "the window")
     parser.add_argument("--json", type=Path, default=HERE / "fidelity.json")
     args = parser.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
