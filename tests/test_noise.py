@@ -15,7 +15,6 @@ from autoload.search import (
     PILOT_RUNS,
     SEARCH_CV,
     SearchState,
-    measure_pilot,
 )
 
 from conftest import SurfaceProbe
@@ -93,7 +92,7 @@ def _state(probe, seconds=0.5, budget=30.0, n_finalists=3):
 
 def test_pilot_measured_three_times_estimates_run_to_run_noise():
     state = _state(GivenRates())
-    record = measure_pilot(state, LoaderConfig(64))
+    record = state.measure_pilot()
     assert PILOT_RUNS == 3
     assert record.samples_per_second == 105.0  # the windows' mean is the trial's record
     # stdev(100, 110, 105) = 5: 4.8% a 0.5 s window, so 3.4% for one second of measuring.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -38,7 +39,7 @@ from autoload.config import LoaderConfig, batches_per_epoch
 from autoload.pipeline import Observation, PipelineModel, Prediction
 from autoload.search import SearchState
 
-__all__ = ["PlannedSampler", "Planner"]
+__all__ = ["PlannedSampler", "Planner", "Proposal"]
 
 _BATCH_STEP = 4  # the calibration sweep steps by this factor
 _FINEST = 2.5  # and halves a step to the best's side while it spans more than this factor
@@ -56,6 +57,17 @@ _OPTIMISM, _WORTH_A_STEP = 0.3, 0.9
 _START_WINDOWS = 2.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class Proposal:
+    """The planner's answer: the configuration to measure next and the rate the model predicts
+    for it; or none (``config`` is ``None``), and whether that is because nothing is left
+    worth measuring (``exhausted``) rather than because the model cannot tell yet."""
+
+    config: LoaderConfig | None
+    predicted: float | None = None
+    exhausted: bool = False
+
+
 class Planner:
     """Proposes the next configuration to measure; ``None`` when nothing is worth it (or, for a
     probe that reports no costs, when the model cannot help: then Optuna's own sampler
@@ -65,18 +77,15 @@ class Planner:
         self.state, self.model = state, model
         self.picks = 0
 
-    def next(self) -> LoaderConfig | None:
+    def next(self) -> Proposal:
         self.refit()
         for stage in (self._batch_sweep, self._options, self._pick):
             config = stage()
             if config is not None:
                 prediction = self.model.predict(config)
-                if prediction is not None:
-                    self.state.predicted.setdefault(config, prediction.rate)
-                return config
-        if self.model.ready:
-            self.state.exhausted = True
-        return None
+                return Proposal(config=config,
+                                predicted=None if prediction is None else prediction.rate)
+        return Proposal(config=None, exhausted=self.model.ready)
 
     def refit(self) -> None:
         self.model.fit([Observation(config=r.config, rate=r.samples_per_second, costs=r.costs,
@@ -317,9 +326,11 @@ class PlannedSampler(BaseSampler):
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
         if trial.number not in self._plans:
-            config = self.planner.next()
-            space = self.planner.state.space
-            self._plans[trial.number] = {} if config is None else space.params(config)
+            proposal, state = self.planner.next(), self.planner.state
+            state.planned(proposal.config, predicted=proposal.predicted,
+                          exhausted=proposal.exhausted)
+            self._plans[trial.number] = ({} if proposal.config is None
+                                         else state.space.params(proposal.config))
         plan = self._plans[trial.number]
         if param_name in plan:
             return plan[param_name]

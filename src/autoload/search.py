@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from typing import Any
+from dataclasses import dataclass
 
 import optuna
 
@@ -24,10 +24,9 @@ from autoload.result import (
     costs_from_dict,
     costs_to_dict,
 )
-from autoload.space import SearchSpace, build_space
+from autoload.space import SearchSpace, SpaceOptions
 
-__all__ = ["SearchState", "describe_error", "fault_reason", "load_previous", "measure_pilot",
-           "no_feasible_error", "widen_for_slow_fetches"]
+__all__ = ["SearchState", "WorkerReach", "describe_error", "fault_reason", "no_feasible_error"]
 
 FINAL_WINDOW = 1.5  # final windows are this much longer than the search's
 _OVERHEAD_GUESS = 0.3  # seconds a probe spends outside its window, until one is measured
@@ -70,6 +69,25 @@ def fault_reason(exc: BaseException) -> str:
     return describe_error(exc)
 
 
+@dataclass(frozen=True, kw_only=True)
+class WorkerReach:
+    """How far the search takes ``num_workers``, and what PyTorch's defaults said about it.
+
+    Attributes:
+        cpus: The CPUs the workers share.
+        fetch_share: The share of the time the defaults spent fetching (``num_workers=0``).
+        idle_share: The share of the CPUs' time the defaults left idle.
+        top: The bound past the CPUs the search was widened to; ``None``: kept to the CPUs.
+        by_fetching: Whether fetching (rather than idle cores) was the reason to widen.
+    """
+
+    cpus: int
+    fetch_share: float | None
+    idle_share: float | None
+    top: int | None
+    by_fetching: bool
+
+
 class SearchState:
     """The state of one tuning run; :func:`autoload.tune` builds it, the planner reads it."""
 
@@ -87,11 +105,14 @@ class SearchState:
         self.overheads: dict[LoaderConfig, float] = {}
         self.pilots: set[LoaderConfig] = set()  # measured before the study, not yet a trial
         self.n_finalists, self.final_rounds = n_finalists, final_rounds
-        self.baselines: tuple[LoaderConfig, ...] = ()
+        # PyTorch's defaults and the recipe: the pilot measures the first, the study starts
+        # with both, the final re-measures both.
+        self.baselines: tuple[LoaderConfig, ...] = space.baselines()
         self.base_seconds = window.seconds  # the budget's window, before any noise is known
         self.noise = Noise()
         self.predicted: dict[LoaderConfig, float] = {}  # the model's rate before measuring
         self.exhausted = False  # the planner has nothing left worth measuring
+        self.widening: WorkerReach | None = None  # what the pilot said of workers past the CPUs
         self.others: list[float] = []  # each window's share of the CPUs other processes took
 
     # -- measuring -------------------------------------------------------------------------
@@ -135,6 +156,14 @@ class SearchState:
         """Keep what other processes took of the CPUs during a window."""
         if m.others_cpu is not None:
             self.others.append(m.others_cpu)
+
+    def planned(self, config: LoaderConfig | None, *, predicted: float | None = None,
+                exhausted: bool = False) -> None:
+        """The planner's proposal for the next trial: ``config`` and the rate the model
+        predicted for it (kept for its record), or that nothing is left worth measuring."""
+        if config is not None and predicted is not None:
+            self.predicted.setdefault(config, predicted)
+        self.exhausted = self.exhausted or exhausted
 
     def others_cpu(self) -> float | None:
         """The median share of the CPUs other processes took during the windows so far."""
@@ -189,6 +218,76 @@ class SearchState:
         if config in self.overheads:
             return self.overheads[config]
         return statistics.median(self.overheads.values()) if self.overheads else _OVERHEAD_GUESS
+
+    # -- before the study ------------------------------------------------------------------
+
+    def measure_pilot(self) -> TrialRecord:
+        """Measure PyTorch's defaults (trial 0 anyway) a few times, back to back, before the
+        study.
+
+        Their spread tells how much one configuration's rate varies from run to run, which
+        sizes the search's windows; their mean is the trial's record.
+        """
+        defaults = self.baselines[0]
+        known = self.measured.get(defaults)
+        if known is not None:  # a resumed study measured it before
+            return known
+        window, records = self.window, []
+        for _ in range(PILOT_RUNS):
+            self.window = window  # one window length for all: a rate's spread depends on it
+            record = self.measure(defaults, -1)
+            self.pilots.add(defaults)
+            if record.state != "ok":
+                return record
+            records.append(record)
+        rates = [r.samples_per_second for r in records]
+        self.noise.add_pilot(rates, window.seconds)
+        self.size_window()
+        record = dataclasses.replace(records[-1], samples_per_second=statistics.fmean(rates))
+        self.measured[defaults] = record
+        return record
+
+    def widen(self, pilot: TrialRecord, options: SpaceOptions) -> WorkerReach:
+        """Search up to 4x the CPUs for workers when PyTorch's defaults (``pilot``) spent more
+        than a negligible share of the time fetching items, or left the cores idle for a share
+        of it; the space is rebuilt from ``options`` with the wider bound.
+
+        Items that wait (disk, network) gain most from extra workers, but CPU-heavy items gain
+        too while the model competes for the cores, and so do cheap items beside a heavy step
+        that leaves cores idle between and inside its batches (a ResNet-18 on two cores
+        fetched for 7% of the time, and 4 workers beat 2 by 4-7%: the more workers share the
+        cores, the more of the step's idle moments they fill). Cheap in-memory items keep
+        ``num_workers=0`` in the space either way.
+        """
+        cpus = self.space.cpus
+        share, idle = pilot.data_wait_fraction, _idle_share(pilot, cpus)
+        slow = share is not None and share > _NEGLIGIBLE_FETCH_SHARE
+        idling = idle is not None and idle > _NEGLIGIBLE_IDLE_SHARE
+        top = WORKERS_PER_CPU * cpus if slow or idling else None
+        if top is not None:
+            self.space = dataclasses.replace(options, max_workers=top, cpus=cpus).build(
+                self.space.samples_per_epoch)
+        self.widening = WorkerReach(cpus=cpus, fetch_share=share, idle_share=idle, top=top,
+                                    by_fetching=slow)
+        return self.widening
+
+    def load_previous(self, study: optuna.Study) -> None:
+        """Take a resumed study's measured trials as known, so they are not run again."""
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            data, kind = t.user_attrs.get("config"), t.user_attrs.get("state")
+            if data is None or kind not in ("ok", "infeasible", "failed"):
+                continue
+            config = LoaderConfig.from_dict(data)
+            if self.space.contains(config):
+                self.measured[config] = TrialRecord(
+                    number=t.number, config=config, state=kind,
+                    samples_per_second=t.value or 0.0,
+                    startup_seconds=t.user_attrs.get("startup_seconds"),
+                    data_wait_fraction=t.user_attrs.get("data_wait_fraction"),
+                    peak_host_bytes=t.user_attrs.get("peak_host_bytes"),
+                    reason=t.user_attrs.get("reason"),
+                    costs=costs_from_dict(t.user_attrs.get("costs")),
+                )
 
     # -- the study -------------------------------------------------------------------------
 
@@ -267,7 +366,8 @@ class SearchState:
         self.budget.keep_for_final(self.final_rounds * per_round + self.window.seconds)
 
     def should_stop(self) -> bool:
-        self.plan_final_reserve()
+        """Whether the search is over: the budget less the final's reserve would not fit
+        another trial, the planner has nothing left, or every trial fails the same way."""
         if self.budget.limited and self.budget.search_left() <= (
                 self.window.seconds + self.overhead()):
             return True
@@ -279,6 +379,7 @@ class SearchState:
                 and len({reason for reason, _ in recent}) == 1)
 
     def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.plan_final_reserve()
         if self.should_stop():
             study.stop()
 
@@ -308,64 +409,6 @@ def no_feasible_error(state: SearchState) -> TuningFailedError:
     return TuningFailedError(f"no configuration could be measured ({listed}); {way}.")
 
 
-def measure_pilot(state: SearchState, defaults: LoaderConfig) -> TrialRecord:
-    """Measure PyTorch's defaults (trial 0 anyway) a few times, back to back, before the study.
-
-    Their spread tells how much one configuration's rate varies from run to run, which sizes the
-    search's windows; their mean is the trial's record.
-    """
-    known = state.measured.get(defaults)
-    if known is not None:  # a resumed study measured it before
-        return known
-    window, records = state.window, []
-    for _ in range(PILOT_RUNS):
-        state.window = window  # one window length for all: a rate's spread depends on it
-        record = state.measure(defaults, -1)
-        state.pilots.add(defaults)
-        if record.state != "ok":
-            return record
-        records.append(record)
-    rates = [r.samples_per_second for r in records]
-    state.noise.add_pilot(rates, window.seconds)
-    state.size_window()
-    record = dataclasses.replace(records[-1], samples_per_second=statistics.fmean(rates))
-    state.measured[defaults] = record
-    return record
-
-
-def widen_for_slow_fetches(state: SearchState, space: SearchSpace, record: TrialRecord,
-                           n: int | None, space_args: dict[str, Any],
-                           notes: list[str]) -> SearchSpace:
-    """Search up to 4x the CPUs for workers when PyTorch's defaults (``record``, measured by
-    the pilot) spent more than a negligible share of the time fetching items, or left the
-    cores idle for a share of it.
-
-    Items that wait (disk, network) gain most from extra workers, but CPU-heavy items gain too
-    while the model competes for the cores, and so do cheap items beside a heavy step that
-    leaves cores idle between and inside its batches (a ResNet-18 on two cores fetched for
-    7% of the time, and 4 workers beat 2 by 4-7%: the more workers share the cores, the
-    more of the step's idle moments they fill). Cheap in-memory items keep
-    ``num_workers=0`` in the space either way.
-    """
-    share, idle = record.data_wait_fraction, _idle_share(record, space.cpus)
-    if (share is None or share <= _NEGLIGIBLE_FETCH_SHARE) and (
-            idle is None or idle <= _NEGLIGIBLE_IDLE_SHARE):
-        if share is not None:
-            notes.append(f"num_workers searched up to the {space.cpus} CPUs: with "
-                         f"num_workers=0 fetching took only {share:.0%} of the time"
-                         + ("." if idle is None else f" and the cores were idle {idle:.0%} "
-                            "of it."))
-        return space
-    top = WORKERS_PER_CPU * space.cpus
-    why = (f"fetching took {share:.0%} of the time"
-           if share is not None and share > _NEGLIGIBLE_FETCH_SHARE
-           else f"the cores were idle {idle:.0%} of the time")
-    notes.append(f"num_workers searched up to {top} ({WORKERS_PER_CPU}x the {space.cpus} CPUs): "
-                 f"with num_workers=0 {why}.")
-    state.space = build_space(n, **{**space_args, "max_workers": top, "cpus": space.cpus})
-    return state.space
-
-
 def _idle_share(record: TrialRecord, cpus: int) -> float | None:
     """The share of the CPUs' time the training process left idle at ``num_workers=0``: its
     CPU time (every thread) per batch against the batch's wall time on every core."""
@@ -373,22 +416,3 @@ def _idle_share(record: TrialRecord, cpus: int) -> float | None:
     if costs is None or costs.batch_seconds <= 0 or cpus < 1:
         return None
     return max(0.0, 1 - costs.main_cpu_seconds / (costs.batch_seconds * cpus))
-
-
-def load_previous(study: optuna.Study, state: SearchState) -> None:
-    """Take a resumed study's measured trials as known, so they are not run again."""
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        data, kind = t.user_attrs.get("config"), t.user_attrs.get("state")
-        if data is None or kind not in ("ok", "infeasible", "failed"):
-            continue
-        config = LoaderConfig.from_dict(data)
-        if state.space.contains(config):
-            state.measured[config] = TrialRecord(
-                number=t.number, config=config, state=kind, samples_per_second=t.value or 0.0,
-                startup_seconds=t.user_attrs.get("startup_seconds"),
-                data_wait_fraction=t.user_attrs.get("data_wait_fraction"),
-                peak_host_bytes=t.user_attrs.get("peak_host_bytes"),
-                reason=t.user_attrs.get("reason"),
-                costs=costs_from_dict(t.user_attrs.get("costs")),
-            )
-

@@ -8,6 +8,7 @@ with a model, so no trial is spent on settings that cannot differ.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     import optuna
 
 __all__ = [
-    "AmpChoice", "SearchSpace", "build_space", "cpu_has_native_bf16", "divisors", "usable_cpus",
+    "AmpChoice", "SearchSpace", "SpaceOptions", "build_space", "cpu_has_native_bf16", "divisors",
+    "usable_cpus",
 ]
 
 AmpChoice = Literal["auto", "off", "bfloat16", "float16"]
@@ -224,62 +226,94 @@ def _as_tuple(value: int | Sequence[int] | None, name: str) -> tuple[int, ...] |
     return tuple(sorted(set(values)))
 
 
-def build_space(
-    samples_per_epoch: int | None,
-    *,
-    device_type: str,
-    has_model: bool,
-    batch_size: int | Sequence[int] | None = None,
-    min_batch_size: int = 8,
-    max_batch_size: int = 1024,
-    drop_last: bool = False,
-    num_workers: int | Sequence[int] | None = None,
-    max_workers: int | None = None,
-    prefetch_factor: int | Sequence[int] | None = None,
-    pin_memory: bool | None = None,
-    amp: AmpChoice = "auto",
-    bf16_supported: bool = True,
-    cpus: int | None = None,
-    partial_last_batch: bool = False,
-) -> SearchSpace:
-    """Build the search space from the data set's size, the device and the user's pins.
+@dataclass(frozen=True, kw_only=True)
+class SpaceOptions:
+    """What the caller pins and bounds of the search space: the arguments of :func:`tune` that
+    shape it, in one record that builds the space, is widened by the search and keys the cache.
 
-    ``samples_per_epoch`` is ``None`` for a data set without a length (an ``IterableDataset``):
-    then any batch size in range is allowed, as with ``drop_last``. ``partial_last_batch``
-    allows a pinned batch size that does not divide the epoch (the user's own loader's, kept:
-    its last batch is short, and every sample is still served once).
+    Attributes:
+        device_type: ``"cpu"`` or ``"cuda"``: ``pin_memory`` and fp16 exist only on CUDA.
+        has_model: Whether a model trains: autocast exists only then.
+        batch_size: Pinned batch size(s); else the divisors of the epoch in range.
+        min_batch_size: Smallest batch size searched.
+        max_batch_size: Largest batch size searched.
+        drop_last: Any batch size in range, the last partial batch dropped.
+        num_workers: Pinned worker count(s).
+        max_workers: Most workers searched; default the usable CPUs.
+        prefetch_factor: Pinned prefetch factor(s).
+        pin_memory: Pinned ``pin_memory``.
+        amp: ``"auto"`` (off and every native dtype), ``"off"`` or one dtype.
+        bf16_supported: Whether the device computes bf16 natively.
+        cpus: The CPUs the workers share; default the usable CPUs.
+        partial_last_batch: A pinned batch size may leave the last batch short (the user's
+            own loader's, kept).
+    """
+
+    device_type: str
+    has_model: bool
+    batch_size: int | Sequence[int] | None = None
+    min_batch_size: int = 8
+    max_batch_size: int = 1024
+    drop_last: bool = False
+    num_workers: int | Sequence[int] | None = None
+    max_workers: int | None = None
+    prefetch_factor: int | Sequence[int] | None = None
+    pin_memory: bool | None = None
+    amp: AmpChoice = "auto"
+    bf16_supported: bool = True
+    cpus: int | None = None
+    partial_last_batch: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def build(self, samples_per_epoch: int | None) -> SearchSpace:
+        """The space over an epoch of ``samples_per_epoch`` (``None``: a data set without a
+        length: then any batch size in range is allowed, as with ``drop_last``).
+
+        Raises:
+            ConfigError: A pinned value or a bound breaks a rule, or no batch size fits.
+        """
+        return _build(samples_per_epoch, self)
+
+
+def build_space(samples_per_epoch: int | None, **options: Any) -> SearchSpace:
+    """Build the search space from the data set's size and :class:`SpaceOptions`' fields.
 
     Raises:
         ConfigError: A pinned value or a bound breaks a rule, or no batch size fits.
     """
-    cpus = cpus or usable_cpus()
-    n = samples_per_epoch
-    batches = _batch_sizes(n, batch_size, min_batch_size, max_batch_size,
-                           drop_last or partial_last_batch)
-    pinned_workers = _as_tuple(num_workers, "num_workers")
-    if max_workers is not None and max_workers < 0:
-        raise ConfigError(f"`max_workers >= 0` must hold, but got {max_workers=}.")
+    return SpaceOptions(**options).build(samples_per_epoch)
+
+
+def _build(n: int | None, o: SpaceOptions) -> SearchSpace:
+    cpus = o.cpus or usable_cpus()
+    batches = _batch_sizes(n, o.batch_size, o.min_batch_size, o.max_batch_size,
+                           o.drop_last or o.partial_last_batch)
+    pinned_workers = _as_tuple(o.num_workers, "num_workers")
+    if o.max_workers is not None and o.max_workers < 0:
+        raise ConfigError(f"`max_workers >= 0` must hold, but got max_workers={o.max_workers}.")
     if pinned_workers is not None:
         if pinned_workers[0] < 0:
-            raise ConfigError(f"`num_workers >= 0` must hold, but got {num_workers!r}.")
+            raise ConfigError(f"`num_workers >= 0` must hold, but got {o.num_workers!r}.")
         workers = pinned_workers
     else:
-        workers = tuple(_worker_ladder(cpus if max_workers is None else max_workers))
-    prefetch = _as_tuple(prefetch_factor, "prefetch_factor") or DEFAULT_PREFETCH
+        workers = tuple(_worker_ladder(cpus if o.max_workers is None else o.max_workers))
+    prefetch = _as_tuple(o.prefetch_factor, "prefetch_factor") or DEFAULT_PREFETCH
     if prefetch[0] < 1:
-        raise ConfigError(f"`prefetch_factor >= 1` must hold, but got {prefetch_factor!r}.")
-    cuda = device_type == "cuda"
-    if pin_memory and not cuda:
+        raise ConfigError(f"`prefetch_factor >= 1` must hold, but got {o.prefetch_factor!r}.")
+    cuda = o.device_type == "cuda"
+    if o.pin_memory and not cuda:
         raise ConfigError(
             "pin_memory=True only helps copies to a CUDA device, but the device is "
-            f"{device_type!r}; leave pin_memory unset."
+            f"{o.device_type!r}; leave pin_memory unset."
         )
-    pins: tuple[bool, ...] = (pin_memory,) if pin_memory is not None else (
+    pins: tuple[bool, ...] = (o.pin_memory,) if o.pin_memory is not None else (
         (False, True) if cuda else (False,)
     )
-    amps = _amps(amp, has_model=has_model, cuda=cuda, bf16_supported=bf16_supported)
+    amps = _amps(o.amp, has_model=o.has_model, cuda=cuda, bf16_supported=o.bf16_supported)
     return SearchSpace(batch_sizes=batches, worker_counts=workers, prefetch_factors=prefetch,
-                       pin_memory=pins, amp=amps, drop_last=drop_last, cpus=cpus,
+                       pin_memory=pins, amp=amps, drop_last=o.drop_last, cpus=cpus,
                        samples_per_epoch=n)
 
 

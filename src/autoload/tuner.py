@@ -38,14 +38,7 @@ from autoload.pipeline import PipelineModel
 from autoload.plan import PlannedSampler, Planner
 from autoload.probe import LossFn, Probe, StepFn, TrainingProbe, Window
 from autoload.result import Framework, ProgressCallback, TuneResult
-from autoload.search import (
-    SearchState,
-    describe_error,
-    load_previous,
-    measure_pilot,
-    no_feasible_error,
-    widen_for_slow_fetches,
-)
+from autoload.search import SearchState, WorkerReach, describe_error, no_feasible_error
 from autoload.sources import (
     Source,
     is_transformers_model,
@@ -56,7 +49,7 @@ from autoload.sources import (
 from autoload.space import (
     AmpChoice,
     SearchSpace,
-    build_space,
+    SpaceOptions,
     cpu_has_native_bf16,
     usable_cpus,
 )
@@ -239,7 +232,7 @@ def tune(
         notes.append("IterableDataset: kept num_workers=0, since each worker would replay the "
                      "whole stream; pass sharded=True (--sharded) if it shards itself.")
     cuda = given.device.type == "cuda"
-    space_args: dict[str, Any] = dict(
+    options = SpaceOptions(
         device_type=given.device.type, has_model=model is not None,
         batch_size=_kept_batch_size(given.source, batch_size, keep_batch_size),
         min_batch_size=min_batch_size, max_batch_size=max_batch_size,
@@ -247,17 +240,18 @@ def tune(
         max_workers=max_workers, prefetch_factor=prefetch_factor, pin_memory=pin_memory,
         amp=amp, partial_last_batch=keep_batch_size,
         bf16_supported=torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16(),
+        # the node's CPUs are shared among its ranks
+        cpus=None if world is None else max(1, usable_cpus() // world.local_size),
     )
-    if world is not None:  # the node's CPUs are shared among its ranks
-        space_args["cpus"] = max(1, usable_cpus() // world.local_size)
-        notes.append(world_note(world, space_args["cpus"]))
-    space = build_space(given.n, **space_args)
+    if world is not None:
+        notes.append(world_note(world, options.cpus or 1))
+    space = options.build(given.n)
     notes += _space_notes(space, cuda=cuda, has_model=model is not None, amp=amp)
     channel = None if world is None else Channel(world)
     parts = None
     if cache and probe is None:  # a probe of the caller's own measures something else
         parts = _fingerprint(given, model=model, loss_fn=loss_fn, world=world, bounds={
-            **space_args, "sharded": sharded, "keep_batch_size": keep_batch_size,
+            **options.to_dict(), "sharded": sharded, "keep_batch_size": keep_batch_size,
             "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap})
         remembered = _remembered(parts, channel, cache_dir)
         if remembered is not None:
@@ -275,7 +269,7 @@ def tune(
             return TuneResult.from_json(follow(probe, channel))
     if world is not None and channel is not None:
         probe = DistributedProbe(probe, world, channel)
-    result = _lead(space, probe, space_args=space_args, n=given.n, notes=notes,
+    result = _lead(space, probe, options=options, n=given.n, notes=notes,
                    budget=Budget(timeout, start=start, clock=clock), n_trials=n_trials,
                    progress=progress, n_finalists=n_finalists, final_rounds=final_rounds,
                    seed=seed, storage=storage, study_name=study_name, device=str(given.device),
@@ -354,7 +348,7 @@ def _lead(space: SearchSpace, probe: Probe, **search: Any) -> TuneResult:
             raise
 
 
-def _search(space: SearchSpace, probe: Probe, *, space_args: dict[str, Any], n: int | None,
+def _search(space: SearchSpace, probe: Probe, *, options: SpaceOptions, n: int | None,
             notes: list[str], budget: Budget, n_trials: int | None,
             progress: ProgressCallback | None, n_finalists: int, final_rounds: int, seed: int,
             storage: str | None, study_name: str | None, device: str,
@@ -366,16 +360,17 @@ def _search(space: SearchSpace, probe: Probe, *, space_args: dict[str, Any], n: 
                         budget=budget, n_trials=n_trials, progress=progress,
                         n_finalists=n_finalists, final_rounds=final_rounds)
     model = PipelineModel(cores=space.cpus, samples_per_epoch=n,
-                          drop_last=space_args["drop_last"], ranks=ranks)
+                          drop_last=options.drop_last, ranks=ranks)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         study = _study(state, model, seed=seed, storage=storage, study_name=study_name)
-        load_previous(study, state)
-        pilot = measure_pilot(state, space.baselines()[0])
+        state.load_previous(study)
+        pilot = state.measure_pilot()
         if widen:
-            space = widen_for_slow_fetches(state, space, pilot, n, space_args, notes)
-        _enqueue_baselines(study, state, space)
+            note = _reach_note(state.widen(pilot, options))
+            notes += [note] if note else []
+        _enqueue_baselines(study, state)
         # The first trial is the pilot's, already measured: it costs nothing, and the callback
         # stops the study after it if the budget is spent.
         study.optimize(state.objective, n_trials=n_trials, callbacks=[state.callback])
@@ -534,11 +529,25 @@ def _remembered(parts: dict[str, Any], channel: Channel | None,
     return None if payload is None else TuneResult.from_json(payload)
 
 
-def _enqueue_baselines(study: optuna.Study, state: SearchState, space: SearchSpace) -> None:
+def _enqueue_baselines(study: optuna.Study, state: SearchState) -> None:
     """PyTorch's defaults (measured by the pilot) and the recipe are the first two trials."""
-    state.baselines = space.baselines()
     for baseline in state.baselines:
-        study.enqueue_trial(space.params(baseline), skip_if_exists=True)
+        study.enqueue_trial(state.space.params(baseline), skip_if_exists=True)
+
+
+def _reach_note(reach: WorkerReach) -> str:
+    """Why the search took ``num_workers`` as far as it did."""
+    share, idle = reach.fetch_share, reach.idle_share
+    if reach.top is None:
+        if share is None:
+            return ""
+        return (f"num_workers searched up to the {reach.cpus} CPUs: with num_workers=0 "
+                f"fetching took only {share:.0%} of the time"
+                + ("." if idle is None else f" and the cores were idle {idle:.0%} of it."))
+    why = (f"fetching took {share:.0%} of the time" if reach.by_fetching and share is not None
+           else f"the cores were idle {idle or 0:.0%} of the time")
+    return (f"num_workers searched up to {reach.top} ({reach.top // reach.cpus}x the "
+            f"{reach.cpus} CPUs): with num_workers=0 {why}.")
 
 
 def best_loader(dataset: Any, *, result: TuneResult | None = None,
