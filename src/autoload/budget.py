@@ -62,6 +62,16 @@ class Budget:
         """The budget itself, margin included: the last moment anything may run."""
         return math.inf if self.seconds is None else self.start + self.seconds
 
+    def hard_left(self, *, hold: float = 0.0) -> float:
+        """Seconds until the budget itself ends (its margin included), less ``hold`` seconds
+        kept for what must still run after (the final's step-alone bound)."""
+        return self.hard_end() - hold - self.clock()
+
+    def final_deadline(self, *, hold: float) -> float:
+        """When the final re-measure must be over: inside the budget (the final may use the
+        margin the search left), ``hold`` seconds before its end for the step-alone bound."""
+        return self.hard_end() - hold
+
     def deadline(self, wanted: float, *, at_least: float) -> float:
         """A measurement's hard deadline from now: ``wanted`` seconds, but not past the
         budget's own end, so that a hang (a data set that stops answering) costs what is left
@@ -73,4 +83,4 @@ class Budget:
             >>> budget.deadline(20.0, at_least=1.0), budget.deadline(20.0, at_least=12.0)
             (10.0, 12.0)
         """
-        return min(wanted, max(self.hard_end() - self.clock(), at_least))
+        return min(wanted, max(self.hard_left(), at_least))

@@ -224,12 +224,6 @@ def _tie_margin(state: SearchState, measured: dict[LoaderConfig, list[Measuremen
     return min(max(sigma, _TIE_MIN), _TIE_MAX)
 
 
-def _final_deadline(state: SearchState) -> float:
-    """When the re-measure must be over: before the step-alone bound's window, inside the
-    budget (the final may use the margin the search left)."""
-    return state.budget.hard_end() - state.window.seconds
-
-
 def _plan(state: SearchState, finalists: list[LoaderConfig]) -> tuple[int, float]:
     """Rounds and window length that fit what is left of the budget.
 
@@ -243,7 +237,7 @@ def _plan(state: SearchState, finalists: list[LoaderConfig]) -> tuple[int, float
     if not state.budget.limited:
         return wanted, seconds
     shortest = state.base_seconds / 2
-    left = state.budget.end - state.window.seconds - state.clock()
+    left = state.budget.left() - state.window.seconds
     mean_overhead = statistics.fmean(state.overhead(c) for c in finalists)
     # Two windows are held back for a duel (see finish), once there are finalists enough for
     # a tie to give speed away; unused, they go to extra rounds or the step-alone bound.
@@ -317,8 +311,7 @@ def _step_rate(state: SearchState, winner: FinalistRecord) -> float | None:
     step_window = state.window.seconds
     if state.budget.limited:
         step_seconds = winner.config.batch_size / max(winner.median, 1e-9)
-        step_window = min(step_window,
-                          state.budget.hard_end() - state.clock() - 3 * step_seconds)
+        step_window = min(step_window, state.budget.hard_left(hold=3 * step_seconds))
     if step_window <= 0:
         return None
     try:
@@ -332,7 +325,8 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
     """Re-measure the finalists side by side and build the result."""
     finalists = state.finalists()
     rounds, seconds = _plan(state, list(finalists))
-    remeasure = _Remeasure(state, list(finalists), rounds, seconds, _final_deadline(state))
+    remeasure = _Remeasure(state, list(finalists), rounds, seconds,
+                           state.budget.final_deadline(hold=state.window.seconds))
     measured = remeasure.run()
     if not measured:
         raise _no_finalist_error(remeasure.faulted, [reason for reason, _ in state.failures])
