@@ -158,7 +158,7 @@ def test_report_prints_the_snippet():
 
 
 def test_report_shows_the_step_alone_bound_and_what_binds_the_winner():
-    text = render(make_result(step_rate=4000.0, limit="the CPU cores"))
+    text = render(make_result(step_rate=4000.0, predicted_bottleneck="the CPU cores"))
     assert "the training step alone" in text and "reaches 75% of it" in text
     assert "bound by the CPU cores" in text
 
@@ -208,7 +208,7 @@ def test_the_finalists_table_fits_80_columns_without_folding_a_configuration():
 def test_a_prediction_off_by_more_than_2x_on_the_winner_is_left_out_and_said():
     finalists = tuple(replace(f, predicted=p) for f, p in
                       zip(make_result().finalists, (211.0, 1400.0, 900.0), strict=True))
-    text = render(make_result(finalists=finalists, limit="the CPU cores"))
+    text = render(make_result(finalists=finalists, predicted_bottleneck="the CPU cores"))
     header = next(line for line in text.splitlines() if line.lstrip().startswith("configuration"))
     assert "samples/s" in header and "predicted" not in header
     assert "1,400" not in text and "bound by the CPU cores" not in text

@@ -177,8 +177,15 @@ def test_epoch_seconds_and_winner():
 
 def test_a_version_1_result_without_loader_options_still_reads():
     data = json.loads(make_result().to_json())
-    assert data["format_version"] == 2
+    assert data["format_version"] == 3
     data["format_version"] = 1
     del data["loader_options"]
     again = TuneResult.from_json(json.dumps(data))
     assert again.loader_options == {} and again.dataloader_kwargs == again.loader_kwargs
+
+
+def test_a_version_2_result_reads_its_limit_as_the_predicted_bottleneck():
+    data = json.loads(make_result(predicted_bottleneck="the CPU cores").to_json())
+    data["format_version"] = 2
+    data["limit"] = data.pop("predicted_bottleneck")
+    assert TuneResult.from_json(json.dumps(data)).predicted_bottleneck == "the CPU cores"

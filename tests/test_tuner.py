@@ -315,7 +315,7 @@ def test_the_model_predicts_what_it_proposes_and_says_what_binds(clock):
     late = predicted[len(predicted) // 2:]
     assert all(abs(t.predicted / probe.rate(t.config) - 1) < 0.35 for t in late)
     assert all(f.predicted is not None for f in result.finalists)
-    assert result.limit == "waiting for items"
+    assert result.predicted_bottleneck == "waiting for items"
 
 
 def test_a_region_over_the_memory_cap_is_not_proposed_again(clock):

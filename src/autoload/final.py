@@ -374,7 +374,7 @@ def finish(state: SearchState, *, model: PipelineModel | None, device: str,
         trials=tuple(state.records), device=device, samples_per_epoch=samples_per_epoch,
         elapsed_seconds=state.budget.elapsed(), space_size=state.space.size, notes=tuple(notes),
         step_rate=step_rate, fetch_rate=fetch_rate, noise_cv=state.noise.per_second,
-        limit=None if prediction is None else prediction.bound,
+        predicted_bottleneck=None if prediction is None else prediction.bound,
         others_cpu=state.others_cpu(), busy=state.busy(),
         faults=tuple(sorted(set(remeasure.faulted.values()))),
     )

@@ -254,10 +254,10 @@ def _bound_lines(result: TuneResult) -> list[str]:
     """What bounds the winner: the model's view, and the step alone as an upper bound unless
     the measurement has broken it (then it is not one)."""
     lines = _prediction_lines(result)
-    if result.limit and (_prediction_trusted(result)
+    if result.predicted_bottleneck and (_prediction_trusted(result)
                          or not any(f.predicted for f in result.finalists)):
         lines.append(f"bound: the pipeline model expects the winner to be bound by "
-                     f"{result.limit}")
+                     f"{result.predicted_bottleneck}")
     if result.step_rate:
         share = result.samples_per_second / result.step_rate
         if share > 1.05:
@@ -267,7 +267,8 @@ def _bound_lines(result: TuneResult) -> list[str]:
         else:
             line = (f"the training step alone (batch already on {result.device}) runs "
                     f"{_rate(result.step_rate)} samples/s; the winner reaches {share:.0%} of it")
-            if share < 0.8 and result.bound == "training step" and result.config.num_workers:
+            if (share < 0.8 and result.measured_bottleneck == "training step"
+                    and result.config.num_workers):
                 line += " (slower than alone: the workers share its CPU cores)"
             lines.append(line)
     elif result.fetch_rate:

@@ -25,7 +25,8 @@ __all__ = [
 TrialState = Literal["ok", "infeasible", "failed", "repeat"]
 Role = Literal["candidate", "defaults", "recipe", "loader-only"]
 Framework = Literal["transformers"]  # training frameworks whose settings the report shows
-FORMAT_VERSION = 2  # 2 added loader_options; 1 is read as without them
+# 3 renamed "limit" to "predicted_bottleneck"; 2 added loader_options; 1 is read as without them
+FORMAT_VERSION = 3
 
 
 def costs_to_dict(costs: Costs | None) -> dict[str, Any] | None:
@@ -254,8 +255,9 @@ class TuneResult:
             defaults, ``num_workers=0``), when measured.
         noise_cv: How much one second of measuring one configuration varied from run to run
             (coefficient of variation), as estimated during the search.
-        limit: What the pipeline model says bounds the winner (e.g. ``"the training step"``,
-            ``"the CPU cores"``, ``"each epoch's start"``), when it had costs to model.
+        predicted_bottleneck: What the pipeline model says bounds the winner (e.g. ``"the
+            training step"``, ``"the CPU cores"``, ``"each epoch's start"``), when it had costs
+            to model; :attr:`measured_bottleneck` is what the measurement says.
         reference_batch_size: The batch size the user trains at (their DataLoader's, or the one
             they pinned), if known; the batch-size advice is given against it (else against
             the defaults', and says so).
@@ -287,7 +289,7 @@ class TuneResult:
     step_rate: float | None = None
     fetch_rate: float | None = None
     noise_cv: float | None = None
-    limit: str | None = None
+    predicted_bottleneck: str | None = None
     reference_batch_size: int | None = None
     optimizer: str | None = None
     others_cpu: float | None = None
@@ -306,8 +308,9 @@ class TuneResult:
         return {**self.loader_options, **self.loader_kwargs}
 
     @property
-    def bound(self) -> Literal["data loading", "training step"]:
-        """What limits the winner: waiting for data most of the time, or the step itself."""
+    def measured_bottleneck(self) -> Literal["data loading", "training step"]:
+        """What limits the winner as measured: the training loop waited for data more than
+        half of the time, or else the step itself."""
         wait = self.winner.data_wait_fraction
         return "data loading" if wait is not None and wait > 0.5 else "training step"
 
@@ -428,7 +431,7 @@ class TuneResult:
             "step_rate": self.step_rate,
             "fetch_rate": self.fetch_rate,
             "noise_cv": self.noise_cv,
-            "limit": self.limit,
+            "predicted_bottleneck": self.predicted_bottleneck,
             "reference_batch_size": self.reference_batch_size,
             "optimizer": self.optimizer,
             "others_cpu": self.others_cpu,
@@ -449,7 +452,7 @@ class TuneResult:
         """
         try:
             data = json.loads(text)
-            if data.get("format_version") not in (1, FORMAT_VERSION):
+            if data.get("format_version") not in (1, 2, FORMAT_VERSION):
                 raise ValueError(f"format_version {data.get('format_version')!r} is unknown")
             return cls(
                 config=LoaderConfig.from_dict(data["config"]),
@@ -467,7 +470,7 @@ class TuneResult:
                 step_rate=data.get("step_rate"),
                 fetch_rate=data.get("fetch_rate"),
                 noise_cv=data.get("noise_cv"),
-                limit=data.get("limit"),
+                predicted_bottleneck=data.get("predicted_bottleneck", data.get("limit")),
                 reference_batch_size=data.get("reference_batch_size"),
                 optimizer=data.get("optimizer"),
                 others_cpu=data.get("others_cpu"),
