@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from autoload import LoaderConfig, Probe, Window
 from autoload.alarm import Alarm, OutOfTime
+from autoload.errors import summary
 from autoload.result import costs_to_dict
 
 # A warm-up step of WARMUP_SETTLES s or more runs at most WARMUP_SLACK x slower than later steps
@@ -31,11 +32,6 @@ WARMUP_SETTLES, WARMUP_SLACK = 1.0, 3.0
 Bound = Callable[[LoaderConfig, float], float]
 
 
-def error_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
-
-
 def measure(probe: Probe, config: LoaderConfig, window: Window) -> dict[str, Any]:
     """One measurement as a dict; a failure is recorded with its error and a rate of 0."""
     began = time.perf_counter()
@@ -43,7 +39,7 @@ def measure(probe: Probe, config: LoaderConfig, window: Window) -> dict[str, Any
         m = probe.measure(config, window)
     except Exception as exc:  # a failed point counts as 0
         return {"config": config.to_dict(), "samples_per_second": 0.0,
-                "error": error_line(exc), "wall_seconds": time.perf_counter() - began}
+                "error": summary(exc), "wall_seconds": time.perf_counter() - began}
     return {
         "config": config.to_dict(), "samples_per_second": m.samples_per_second, "error": None,
         "wall_seconds": time.perf_counter() - began, "cut_short": m.cut_short,

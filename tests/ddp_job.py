@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import autoload  # noqa: E402
 import autoload.distributed  # noqa: E402
+import autoload.errors  # noqa: E402
 
 from toydata import Indexed  # noqa: E402
 
@@ -81,7 +82,7 @@ def main() -> int:
                                cache="AUTOLOAD_TEST_CACHE" in os.environ,
                                cache_dir=os.environ.get("AUTOLOAD_TEST_CACHE"))
     except (autoload.AutoloadError, KeyboardInterrupt) as exc:
-        print(f"autoload: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr,
+        print(f"autoload: rank {rank}: {autoload.errors.summary(exc)}", file=sys.stderr,
               flush=True)
         return 1
     loader = autoload.best_loader(data, result=result)

@@ -5,9 +5,15 @@ import time
 import pytest
 import torch
 
-from autoload import DatasetError, LoaderConfig, TrainingProbe, Window
-from autoload.memory import MemoryCapExceeded
-from autoload.probe import TrialTimeout, move_to_device
+from autoload import (
+    DatasetError,
+    LoaderConfig,
+    MemoryCapExceeded,
+    TrainingProbe,
+    TrialTimeout,
+    Window,
+)
+from autoload.probe import move_to_device
 
 from conftest import worker_processes
 from toydata import FreezeCount, Hangs, Indexed, Ragged, Raises, Slow, Uneven, WorkerHog

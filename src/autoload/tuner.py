@@ -30,17 +30,16 @@ from autoload.distributed import (
     terminate_as_interrupt,
     world_note,
 )
-from autoload.errors import ConfigError, DatasetError
+from autoload.errors import ConfigError, DatasetError, format_size, summary
 from autoload.final import finish
 from autoload.loader import DataLoader
-from autoload.memory import ProcessTreeMemory, default_memory_cap, format_size, parse_size
+from autoload.memory import ProcessTreeMemory, default_memory_cap, parse_size
 from autoload.pipeline import PipelineModel
 from autoload.plan import PlannedSampler, Planner
 from autoload.probe import LossFn, Probe, StepFn, TrainingProbe, Window
 from autoload.result import ProgressCallback, TuneResult
 from autoload.search import (
     SearchState,
-    describe_error,
     load_previous,
     measure_pilot,
     no_feasible_error,
@@ -340,7 +339,7 @@ def _lead(space: SearchSpace, probe: Probe, **search: Any) -> TuneResult:
             return _search(space, probe, **search)
         except BaseException as exc:
             if isinstance(probe, DistributedProbe):
-                probe.finish(None, describe_error(exc))
+                probe.finish(None, summary(exc))
             raise
 
 
