@@ -145,8 +145,8 @@ def run_case(case: Case, settings: Settings, reused: dict[str, Any] | None = Non
         return None
     measuring = job_mod.measuring_probe(probe, job)
     if reused is None:
-        grid_block, oracle, oracle_rate = measure_grid(case, dataset, job_mod.unwrap(model),
-                                                       measuring, settings, job=job)
+        grid_block, oracle, oracle_rate = measure_grid(case, model, measuring, settings,
+                                                       job=job)
         if job is not None:
             measuring.finish("grid")
     else:

@@ -60,7 +60,6 @@ class Observation:
     config: LoaderConfig
     rate: float
     costs: Costs | None = None
-    samples_per_batch: float | None = None
     cut_short: bool = False
 
 
@@ -204,8 +203,8 @@ class PipelineModel:
         self._step = line(lambda c: c.step_seconds)
         self._step_cpu = line(lambda c: max(c.main_cpu_seconds - c.fetch_cpu_seconds,
                                             0.2 * c.step_seconds))
-        sizes = [o.costs.batch_bytes / (o.samples_per_batch or o.config.batch_size)
-                 for o in plain if o.costs is not None and o.costs.batch_bytes]
+        sizes = [o.costs.batch_bytes / o.config.batch_size for o in plain
+                 if o.costs is not None and o.costs.batch_bytes]
         self._bytes_per_sample = statistics.median(sizes) if sizes else 0.0
 
     def _fit_amp(self, in_process: Sequence[Observation]) -> None:

@@ -1,4 +1,9 @@
-"""The Optuna study: baselines first, the objective, constraints, finalists re-measured."""
+"""``tune()`` and ``best_loader()``: the user's arguments checked and resolved, then wired up.
+
+The search space, the cache, the probe (alone, or as one rank of a torchrun job) and the Optuna
+study: its sampler is the planner (:mod:`autoload.plan`), its state the search's
+(:mod:`autoload.search`), and its end the final re-measure (:mod:`autoload.final`).
+"""
 
 from __future__ import annotations
 
