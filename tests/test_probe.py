@@ -38,12 +38,18 @@ def test_epochs_run_back_to_back_when_the_window_is_longer():
     assert m.batches > 2  # 2 batches an epoch, many epochs in the window
 
 
-def test_training_probe_with_model_and_bf16():
-    net = torch.nn.Linear(4, 3)
-    probe = TrainingProbe(Indexed(64), device=CPU, model=net,
-                          loss_fn=torch.nn.functional.cross_entropy)
-    m = probe.measure(LoaderConfig(16, amp="bfloat16"), SHORT)
-    assert m.samples_per_second > 0
+@pytest.mark.parametrize("amp", [None, "bfloat16"])
+def test_the_step_runs_under_the_configuration_s_autocast(amp):
+    seen = set()
+
+    def loss_fn(out, y):
+        seen.add(out.dtype)  # the model's output: bf16 where autocast ran
+        return torch.nn.functional.cross_entropy(out.float(), y)
+
+    probe = TrainingProbe(Indexed(64), device=CPU, model=torch.nn.Linear(4, 3), loss_fn=loss_fn)
+    m = probe.measure(LoaderConfig(16, amp=amp), SHORT)
+    assert seen == {torch.bfloat16 if amp else torch.float32}
+    assert m.samples_per_second > 0 and not torch.is_autocast_enabled("cpu")
 
 
 def test_worker_memory_is_counted():

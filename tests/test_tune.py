@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import autoload
+from autoload.space import cpu_has_native_bf16
 
 from conftest import worker_processes
 from toydata import DiesInWorker, Indexed, WorkerHog
@@ -68,7 +69,18 @@ def test_model_and_optimizer_are_bit_identical_after_tune():
     result = autoload.tune(Indexed(96), model=net, loss_fn=nn.functional.cross_entropy,
                            optimizer=opt, **FAST)
     _same(before, _state(net, opt))
-    assert result.samples_per_second > 0 and result.amp in (None, "bfloat16")
+    assert result.samples_per_second > 0
+    # bf16 autocast is searched where the CPU runs it natively (the space doubles), and left
+    # out, and said, where it would be emulated.
+    space = dict(device_type="cpu", has_model=True, max_workers=1)
+    with_bf16 = autoload.build_space(96, **space, bf16_supported=True).size
+    without = autoload.build_space(96, **space, amp="off").size
+    left_out = any("bf16 autocast left out" in note for note in result.notes)
+    if cpu_has_native_bf16():
+        assert result.space_size == with_bf16 == 2 * without and not left_out
+    else:
+        assert result.space_size == without and left_out and result.amp is None
+        assert all(t.config.amp is None for t in result.trials)
     assert not worker_processes()
 
 
