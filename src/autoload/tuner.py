@@ -142,7 +142,7 @@ def tune(
     amp: AmpChoice = "auto",
     sharded: bool = False,
     keep_batch_size: bool = False,
-    cache: bool = True,
+    cache: bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     storage: str | None = None,
     study_name: str | None = None,
@@ -197,7 +197,8 @@ def tune(
         keep_batch_size: Tune everything else at the batch size of the user's DataLoader.
         cache: Return a remembered result for the same machine, data, model and options at
             once (``result.cached`` says where from), and remember this one; see
-            :mod:`autoload.cache`. Off with a ``probe`` of the caller's.
+            :mod:`autoload.cache`. ``None``: on, unless a ``probe`` of the caller's measures
+            (its rates are not this machine's loader's); ``True``: on even then.
         cache_dir: The folder results are remembered in; default ``$AUTOLOAD_CACHE_DIR``, else
             the platform's cache folder. A folder the nodes of a cluster share lets the nodes
             of one kind tune once.
@@ -253,7 +254,7 @@ def tune(
     notes += _space_notes(space, cuda=cuda, has_model=model is not None, amp=amp)
     channel = None if world is None else Channel(world)
     parts = None
-    if cache and probe is None:  # a probe of the caller's own measures something else
+    if cache or (cache is None and probe is None):  # a caller's probe measures another thing
         parts = _fingerprint(given, model=model, loss_fn=loss_fn, world=world, bounds={
             **space_args, "sharded": sharded, "keep_batch_size": keep_batch_size,
             "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap})
