@@ -106,9 +106,10 @@ def test_workers_past_the_memory_cap_make_trials_infeasible_and_the_study_return
     assert not worker_processes()
 
 
-def test_best_loader_serves_every_sample_exactly_once_per_epoch():
+def test_best_loader_serves_every_sample_exactly_once_per_epoch(simulated):
     data = Indexed(120)
-    loader = autoload.best_loader(data, loader_options={"shuffle": True}, **FAST)
+    loader = autoload.best_loader(data, loader_options={"shuffle": True}, max_workers=1,
+                                  **simulated)
     assert isinstance(loader, autoload.DataLoader)  # the loader the tuner measured
     assert 120 % loader.batch_size == 0
     for _ in range(2):
@@ -116,10 +117,10 @@ def test_best_loader_serves_every_sample_exactly_once_per_epoch():
         assert sorted(seen) == list(range(120))
 
 
-def test_best_loader_with_drop_last_reports_dropped_samples():
+def test_best_loader_with_drop_last_reports_dropped_samples(simulated):
     data = Indexed(101)
     result = autoload.tune(data, drop_last=True, min_batch_size=8, max_batch_size=32,
-                           num_workers=0, **FAST)
+                           num_workers=0, **simulated)
     assert result.dropped_per_epoch == 101 % result.config.batch_size
     loader = autoload.best_loader(data, result=result)
     served = sum(len(x) for x, _ in loader)
@@ -131,10 +132,11 @@ def test_a_model_without_a_loss_on_pairs_is_a_one_line_error_naming_both_ways_ou
         autoload.tune(Indexed(64), model=nn.Linear(4, 3), **FAST)
 
 
-def test_dataloader_kwargs_from_a_shuffling_loader_build_a_loader_that_shuffles_as_best_loader():
+def test_dataloader_kwargs_from_a_shuffling_loader_build_a_loader_that_shuffles_as_best_loader(
+        simulated):
     data = Indexed(96)
     source = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
-    result = autoload.tune(source, timeout=2, max_workers=0, final_rounds=1)
+    result = autoload.tune(source, max_workers=0, **simulated)
     assert result.dataloader_kwargs["shuffle"] is True
     assert "shuffle" not in result.loader_kwargs  # DataLoader(..., shuffle=False, **it) works
     mine = autoload.DataLoader(data, **result.dataloader_kwargs)
@@ -145,8 +147,8 @@ def test_dataloader_kwargs_from_a_shuffling_loader_build_a_loader_that_shuffles_
     assert sorted(order) == list(range(96)) and order != list(range(96))
     again = autoload.TuneResult.from_json(result.to_json())
     assert again.dataloader_kwargs == result.dataloader_kwargs
-    plain = autoload.tune(torch.utils.data.DataLoader(data, batch_size=8), timeout=2,
-                          max_workers=0, final_rounds=1)
+    plain = autoload.tune(torch.utils.data.DataLoader(data, batch_size=8), max_workers=0,
+                          **simulated)
     assert "shuffle" not in plain.dataloader_kwargs
 
 
