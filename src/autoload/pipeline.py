@@ -28,6 +28,7 @@ agree with it and the model only needs to be right about trends.
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -84,6 +85,7 @@ class _Line:
         for size, value in points:
             by_size.setdefault(size, []).append(max(value, 1e-9))
         self.sizes = sorted(by_size)
+        self.logs = [math.log(s) for s in self.sizes]
         values = [statistics.median(by_size[s]) for s in self.sizes]
         self.a, self.b = _fit_line(self.sizes, values)
         self.ratios = [v / self._base(s) for s, v in zip(self.sizes, values, strict=True)]
@@ -92,9 +94,20 @@ class _Line:
         return max(self.a + self.b * size, 1e-9)
 
     def __call__(self, size: float) -> float:
-        logs = [math.log(s) for s in self.sizes]
-        ratio = float(np.interp(math.log(size), logs, self.ratios))
-        return self._base(size) * ratio
+        return self._base(size) * _interp(math.log(size), self.logs, self.ratios)
+
+
+def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """``numpy.interp`` for one point, to the bit, without its cost per call (the planner
+    predicts every configuration of the space after each trial, each from several lines)."""
+    if x < xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    j = bisect.bisect_right(xs, x) - 1
+    if xs[j] == x:
+        return ys[j]
+    return (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j]) * (x - xs[j]) + ys[j]
 
 
 def _fit_line(sizes: Sequence[int], values: Sequence[float]) -> tuple[float, float]:
@@ -227,7 +240,7 @@ class PipelineModel:
         if amp is None or amp not in self._amp:
             return 1.0
         logs, factors = self._amp[amp]
-        return float(np.interp(math.log(batch_size), logs, factors))
+        return _interp(math.log(batch_size), logs, factors)
 
     def _fit_workers(self, with_workers: Sequence[Observation]) -> None:
         assert self._fetch_cpu is not None
