@@ -77,7 +77,7 @@ def main() -> int:
     net = DistributedDataParallel(nn.Linear(4, 3).to(device))
     try:
         result = autoload.tune(data, model=net, loss_fn=nn.functional.cross_entropy,
-                               timeout=float(os.environ.get("AUTOLOAD_TEST_TIMEOUT", 12)),
+                               timeout=float(os.environ.get("AUTOLOAD_TEST_TIMEOUT", 6)),
                                max_workers=2, final_rounds=2,
                                cache="AUTOLOAD_TEST_CACHE" in os.environ,
                                cache_dir=os.environ.get("AUTOLOAD_TEST_CACHE"))

@@ -61,7 +61,7 @@ def test_a_rank_that_dies_ends_the_others_cleanly_without_a_hang(tmp_path):
 
 
 def test_a_rank_that_stops_answering_is_named_not_taken_for_a_faulty_configuration(tmp_path):
-    proc, _ = _torchrun(tmp_path, AUTOLOAD_TEST_HANG="1", AUTOLOAD_TEST_TIMEOUT="14")
+    proc, _ = _torchrun(tmp_path, AUTOLOAD_TEST_HANG="1", AUTOLOAD_TEST_TIMEOUT="8")
     assert proc.returncode != 0
     said = [line for line in proc.stderr.splitlines() if line.startswith("autoload: rank 0:")]
     assert len(said) == 1, proc.stderr[-3000:]
@@ -74,7 +74,7 @@ def test_the_ddp_example_trains_with_the_tuned_loader_under_torchrun():
     example = JOB.parent.parent / "examples" / "ddp_train.py"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(example), "--epochs", "1", "--tune-seconds", "6", "--samples", "512"],
+         str(example), "--epochs", "1", "--tune-seconds", "3", "--samples", "512"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -89,7 +89,7 @@ def test_one_job_as_two_nodes_agrees_plans_each_node_alone_and_keys_the_cache_by
         port = s.getsockname()[1]
     shared = tmp_path / "shared-cache"
     environment = {**os.environ, "AUTOLOAD_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1",
-                   "AUTOLOAD_TEST_TIMEOUT": "8", "AUTOLOAD_TEST_CACHE": str(shared)}
+                   "AUTOLOAD_TEST_TIMEOUT": "5", "AUTOLOAD_TEST_CACHE": str(shared)}
     agents = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
          f"--node-rank={k}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",

@@ -146,7 +146,7 @@ def test_cli_sigterm_ends_like_ctrl_c_keeps_finished_trials_and_leaves_no_worker
     """))
     url = f"sqlite:///{tmp_path / 'study.db'}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "autoload", "tune", "slowdata.py:Slow", "--timeout", "120",
+        [sys.executable, "-m", "autoload", "tune", "slowdata.py:Slow", "--timeout", "30",
          "--max-workers", "2", "--quiet", "--no-cache", "--storage", url, "--study-name", "s"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
