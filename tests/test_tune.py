@@ -12,7 +12,7 @@ from autoload.space import cpu_has_native_bf16
 from conftest import worker_processes
 from toydata import DiesInWorker, Indexed, WorkerHog
 
-FAST = dict(timeout=5, max_workers=1, final_rounds=2)
+FAST = dict(timeout=3, max_workers=1, final_rounds=2)
 
 
 class Net(nn.Module):
