@@ -168,7 +168,8 @@ class PipelineModel:
         self._epoch_start = 0.0  # an epoch's start without workers
         self._fitted = _Fitted(cores=float(cores), bubble=1.0, round_trip=1e-3)
         self._residuals: list[tuple[np.ndarray, float]] = []
-        self._seen: list[np.ndarray] = []  # measured places, on the axes of novelty
+        self._residual_at = np.empty((0, len(_NOVELTY_AXES)))  # their places, one a row
+        self._seen = np.empty((0, len(_NOVELTY_AXES)))  # measured places, on novelty's axes
 
     @property
     def ready(self) -> bool:
@@ -194,9 +195,12 @@ class PipelineModel:
         self._epoch_start = max(0.0, statistics.median(starts)) if starts else 0.0
         self._fitted = self._fit_free()
         self._residuals = self._measured_errors()
+        self._residual_at = np.array([f for f, _ in self._residuals]).reshape(
+            len(self._residuals), len(_NOVELTY_AXES))
         # Every trial, cut short or not, makes its neighbourhood known: the search's optimism
         # about unmeasured places must not keep drawing it back to where trials were cut.
-        self._seen = [self._features(o.config) * _NOVELTY_AXES for o in self.observations]
+        self._seen = np.array([self._features(o.config) * _NOVELTY_AXES
+                               for o in self.observations]).reshape(-1, len(_NOVELTY_AXES))
 
     def _measured_errors(self) -> list[tuple[np.ndarray, float]]:
         """Each whole measurement's log error against the model, for the correction. A trial
@@ -383,17 +387,25 @@ class PipelineModel:
         slowed the step most (on 76 KB items, 400 a batch with 7 workers and a prefetch of 8
         read 4.1k/s against 8.4k/s for 504 a batch with 4 workers and a prefetch of 2)."""
         x = self._features(config) * _NOVELTY_AXES
-        return 1.0 / (1.0 + sum(math.exp(-0.5 * float(np.sum((x - f) ** 2)))
-                                for f in self._seen))
+        return 1.0 / (1.0 + sum(math.exp(-0.5 * float(d)) for d in _squared_distances(
+            x, self._seen)))
 
     def _correction(self, config: LoaderConfig) -> float:
         if not self._residuals:
             return 0.0
         x = self._features(config)
-        weights = [math.exp(-0.5 * float(np.sum((x - f) ** 2))) for f, _ in self._residuals]
+        weights = [math.exp(-0.5 * float(d))
+                   for d in _squared_distances(x, self._residual_at)]
         total = sum(weights)
         return sum(w * r for w, (_, r) in zip(weights, self._residuals, strict=True)) / (
             total + _KERNEL_SHRINK)
+
+
+def _squared_distances(x: np.ndarray, places: np.ndarray) -> np.ndarray:
+    """The squared distance of ``x`` to each row of ``places``: one reduction for all rows
+    (the kernels weigh every measurement for every configuration the planner predicts)."""
+    distances: np.ndarray = np.sum((x - places) ** 2, axis=1)
+    return distances
 
 
 def _affine(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
