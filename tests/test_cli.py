@@ -173,7 +173,7 @@ def module_run(tmp_path_factory: pytest.TempPathFactory,
 def model_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     yield from module_run(tmp_path_factory, lambda path, out: [
         "tune", f"{path}:make_dataset", "--model", f"{path}:make_model",
-        "--loss", "cross_entropy", "--device", "cpu", "--timeout", "4", "--max-workers", "1",
+        "--loss", "cross_entropy", "--device", "cpu", "--timeout", "5", "--max-workers", "1",
         "--quiet", "--json", str(out),
     ])
 

@@ -74,7 +74,7 @@ def test_the_ddp_example_trains_with_the_tuned_loader_under_torchrun():
     example = JOB.parent.parent / "examples" / "ddp_train.py"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(example), "--epochs", "1", "--tune-seconds", "3", "--samples", "512"],
+         str(example), "--epochs", "1", "--tune-seconds", "6", "--samples", "512"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

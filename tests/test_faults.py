@@ -18,7 +18,7 @@ from autoload import LoaderConfig, TrainingProbe, Window
 from conftest import SurfaceProbe, worker_processes
 from toydata import Hangs, InterruptsAfter, Raises, Stream, Unpicklable
 
-FAST = dict(timeout=3, max_workers=1, final_rounds=2)
+FAST = dict(timeout=5, max_workers=1, final_rounds=2)
 CPU = torch.device("cpu")
 
 
