@@ -76,11 +76,6 @@ def wrap(model: torch.nn.Module | None, job: Job | None) -> torch.nn.Module | No
     return torch.nn.parallel.DistributedDataParallel(model)
 
 
-def unwrap(model: Any) -> Any:
-    """The module inside DDP (the step bound copies it and runs it alone)."""
-    return getattr(model, "module", model)
-
-
 def shard_options(dataset: Any, job: Job | None) -> dict[str, Any]:
     return {} if job is None else shard(Source(dataset=dataset), job.world).loader_options
 

@@ -8,32 +8,22 @@ again whole when they come near the best, so the oracle always rests on a whole 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from cases import Case
 from common import log
 from grid import build_grid, log_spaced_divisors
 from settings import PRUNE_MARGIN, Settings
-from torch.utils.data import DataLoader
 
 from autoload import LoaderConfig, Probe, Window
-from autoload.alarm import Alarm, OutOfTime
+from autoload.errors import summary
 from autoload.result import costs_to_dict
 
-# A warm-up step of WARMUP_SETTLES s or more runs at most WARMUP_SLACK x slower than later steps
-# (its one-off costs, kernel choice and allocation, are small next to a step that long).
-WARMUP_SETTLES, WARMUP_SLACK = 1.0, 3.0
-
-Bound = Callable[[LoaderConfig, float], float]
-
-
-def error_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+# A point's upper bound: the training step alone on one batch already on the device (the
+# probe's own step_rate), which no loader setting can beat; None where there is none.
+Bound = Callable[[LoaderConfig], float | None]
 
 
 def measure(probe: Probe, config: LoaderConfig, window: Window) -> dict[str, Any]:
@@ -43,7 +33,7 @@ def measure(probe: Probe, config: LoaderConfig, window: Window) -> dict[str, Any
         m = probe.measure(config, window)
     except Exception as exc:  # a failed point counts as 0
         return {"config": config.to_dict(), "samples_per_second": 0.0,
-                "error": error_line(exc), "wall_seconds": time.perf_counter() - began}
+                "error": summary(exc), "wall_seconds": time.perf_counter() - began}
     return {
         "config": config.to_dict(), "samples_per_second": m.samples_per_second, "error": None,
         "wall_seconds": time.perf_counter() - began, "cut_short": m.cut_short,
@@ -60,57 +50,6 @@ def window(seconds: float, settings: Settings, time_limit: float | None = None) 
                   time_limit=time_limit)
 
 
-def step_bound(model: torch.nn.Module, loss: Any, dataset: Any, batch_size: int,
-               amp: str | None, min_seconds: float, device: torch.device | None = None,
-               below: float = 0.0) -> tuple[float, bool]:
-    """Samples/s of the training step alone on one batch already on ``device`` (default CPU): no
-    loader setting can beat it. Runs on a copy of the model (and a fresh SGD), so the case's model
-    is untouched. On CUDA, float16 runs without a GradScaler (a little faster: still a bound).
-
-    A slow warm-up step can settle it: when it took at least ``WARMUP_SETTLES`` seconds and even
-    ``WARMUP_SLACK`` x its rate is under ``below``, that is returned as the bound (second value
-    True) without timing more steps. The warm-up step is interrupted (the library's alarm,
-    between two native ops) once it has run that long, so it need not even finish."""
-    device = torch.device("cpu") if device is None else device
-    cuda = device.type == "cuda"
-    net = copy.deepcopy(model).train()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-    x, y = next(iter(DataLoader(dataset, batch_size=batch_size)))
-    if cuda:
-        x, y = x.to(device), y.to(device)
-    dtype = None if amp is None else getattr(torch, amp)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            value = loss(net(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        value.mean().backward()
-        optimizer.step()
-        if cuda:  # time the kernels, not their launch
-            torch.cuda.synchronize(device)
-
-    enough = max(WARMUP_SETTLES, WARMUP_SLACK * batch_size / below) if below > 0 else math.inf
-    began = time.perf_counter()
-    try:
-        with Alarm() as alarm:
-            if math.isfinite(enough):
-                alarm.soft_in(enough)
-            step()  # warm-up: allocator, kernels for this shape, autocast's weight cache
-            alarm.soft_off()
-    except OutOfTime:
-        pass  # interrupted: it has run long enough to settle the bound
-    warmup = time.perf_counter() - began
-    if warmup >= WARMUP_SETTLES and WARMUP_SLACK * batch_size / warmup < below:
-        return WARMUP_SLACK * batch_size / warmup, True
-    fastest, spent, steps = math.inf, 0.0, 0
-    while steps < 1 or (steps < 3 and spent < min_seconds):
-        began = time.perf_counter()
-        step()
-        took = time.perf_counter() - began
-        fastest, spent, steps = min(fastest, took), spent + took, steps + 1
-    return batch_size / fastest, False
-
-
 def run_grid(name: str, probe: Probe, grid: list[LoaderConfig], settings: Settings,
              bound: Bound | None = None) -> tuple[list[dict[str, Any]], float]:
     """Measure the grid in order; with ``bound`` (and not ``--exhaustive``), skip a point whose
@@ -125,7 +64,7 @@ def run_grid(name: str, probe: Probe, grid: list[LoaderConfig], settings: Settin
     best = 0.0
     began = time.perf_counter()
     for i, config in enumerate(grid, 1):
-        limit = None if bound is None or settings.exhaustive else bound(config, best)
+        limit = None if bound is None or settings.exhaustive else bound(config)
         if limit is not None and limit < PRUNE_MARGIN * best:
             points.append({"config": config.to_dict(), "samples_per_second": 0.0,
                            "error": None, "skipped": True, "step_bound": limit})
@@ -174,11 +113,11 @@ def per_rank(n: int, job: Any) -> int:
     return n if job is None else -(-n // job.world.size)
 
 
-def measure_grid(case: Case, dataset: Any, model: Any, probe: Probe, settings: Settings,
+def measure_grid(case: Case, model: Any, probe: Probe, settings: Settings,
                  job: Any = None) -> tuple[dict[str, Any], LoaderConfig | None, float]:
-    """Measure the case's grid: the JSON's grid block, the oracle and its rate. ``model`` is
-    the bare module (in a job, its step bound runs on rank 0 alone)."""
-    device = torch.device(settings.device)
+    """Measure the case's grid: the JSON's grid block, the oracle and its rate. A point whose
+    training step alone (``probe.step_rate``, once a batch size and precision: in a job every
+    rank at once, scored as the points are) cannot reach the best so far is skipped."""
     batch_sizes = log_spaced_divisors(per_rank(case.n, job), settings.batch_sizes,
                                       high=case.max_batch)
     amps = settings.amps if model is not None else (None,)
@@ -188,16 +127,15 @@ def measure_grid(case: Case, dataset: Any, model: Any, probe: Probe, settings: S
     log(f"[{case.name}] {case.description}; n={case.n}, grid of {len(grid)} points")
     bounds: dict[tuple[int, str | None], dict[str, Any]] = {}
 
-    def bound(config: LoaderConfig, best: float) -> float:
+    def bound(config: LoaderConfig) -> float | None:
         key = (config.batch_size, config.amp)
         if key not in bounds:
             began = time.perf_counter()
-            rate, warmup_only = step_bound(model, case.loss, dataset, config.batch_size,
-                                           config.amp, settings.grid_window / 3, device=device,
-                                           below=PRUNE_MARGIN * best)
+            rate = probe.step_rate(config, window(settings.grid_window / 3, settings))
             bounds[key] = {"batch_size": key[0], "amp": key[1], "samples_per_second": rate,
-                           "seconds": time.perf_counter() - began, "warmup_only": warmup_only}
-        return float(bounds[key]["samples_per_second"])
+                           "seconds": time.perf_counter() - began}
+        rate = bounds[key]["samples_per_second"]
+        return None if rate is None else float(rate)
 
     points, grid_wall = run_grid(case.name, probe, grid, settings,
                                  bound=None if model is None else bound)

@@ -43,7 +43,6 @@ from compare import (  # noqa: E402
 )
 from grid import nearest_divisor  # noqa: E402
 from oracle import (  # noqa: E402
-    error_line,
     measure_grid,
     per_rank,  # noqa: E402
     reuse_grid,
@@ -55,6 +54,7 @@ from tables import random_table, results_table, spread_table  # noqa: E402
 import autoload  # noqa: E402
 from autoload import LoaderConfig, TrainingProbe  # noqa: E402
 from autoload.distributed import follow  # noqa: E402
+from autoload.errors import summary  # noqa: E402
 from autoload.space import usable_cpus  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def run_tuner(name: str, dataset: Any, model: Any, loss: Any, optimizer: Any,
                                device=settings.device, timeout=settings.tune_timeout, seed=0,
                                progress=progress, cache=False)  # measured, never remembered
     except Exception as exc:
-        return {"config": None, "error": error_line(exc), "trials": 0,
+        return {"config": None, "error": summary(exc), "trials": 0,
                 "wall_seconds": time.perf_counter() - began}
     return {
         "config": result.config.to_dict(), "error": None, "trials": len(result.trials),
@@ -145,8 +145,8 @@ def run_case(case: Case, settings: Settings, reused: dict[str, Any] | None = Non
         return None
     measuring = job_mod.measuring_probe(probe, job)
     if reused is None:
-        grid_block, oracle, oracle_rate = measure_grid(case, dataset, job_mod.unwrap(model),
-                                                       measuring, settings, job=job)
+        grid_block, oracle, oracle_rate = measure_grid(case, model, measuring, settings,
+                                                       job=job)
         if job is not None:
             measuring.finish("grid")
     else:
@@ -160,9 +160,9 @@ def run_case(case: Case, settings: Settings, reused: dict[str, Any] | None = Non
     rows = remeasure(case.name, measuring, roles, settings, target)
     if job is not None:
         measuring.finish("re-measure")
-    summary = evaluate(roles, rows, tuner["wall_seconds"], float(grid_block["seconds"]),
+    outcome = evaluate(roles, rows, tuner["wall_seconds"], float(grid_block["seconds"]),
                        budget=settings.tune_timeout, target=target)
-    log(f"[{case.name}] {summary['verdict']}")
+    log(f"[{case.name}] {outcome['verdict']}")
     return {
         "description": case.description, "bottleneck": case.bottleneck, "n": case.n,
         "spec": case.spec or None, "has_model": model is not None, "grid": grid_block,
@@ -171,7 +171,7 @@ def run_case(case: Case, settings: Settings, reused: dict[str, Any] | None = Non
             "tried_by_tuner": _tried(oracle, tuner),
         },
         "tuner": tuner, "roles": {role: config.to_dict() for role, config in roles.items()},
-        "remeasure": rows, "summary": summary,
+        "remeasure": rows, "summary": outcome,
         "nproc": 1 if job is None else job.world.size,
     }
 
@@ -228,8 +228,8 @@ def run_all(args: Any, settings: Settings, data: dict[str, Any], started: float,
             data["interrupted"] = case.name
             status = 130
         except Exception as exc:  # one broken case does not lose the others
-            log(f"[{case.name}] crashed: {error_line(exc)}")
-            data.setdefault("errors", {})[case.name] = error_line(exc)
+            log(f"[{case.name}] crashed: {summary(exc)}")
+            data.setdefault("errors", {})[case.name] = summary(exc)
             status = 1
         data["random_summary"] = distribution(data["cases"])
         data["elapsed_seconds"] = time.time() - started

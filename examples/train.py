@@ -31,6 +31,7 @@ parser.add_argument("--lr", type=float, default=0.01)
 parser.add_argument("--tune-seconds", type=float, default=30)
 parser.add_argument("--result", help="a result JSON from `autoload tune --json` to reuse")
 parser.add_argument("--samples", type=int, default=4096)
+parser.add_argument("--test-samples", type=int, default=1024)
 args = parser.parse_args()
 
 learning_rate = args.lr
@@ -53,7 +54,7 @@ optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate, momentum=0.9)
 
 # 3. Data: the Dataset, and a DataLoader whose arguments autoload measured ----------------------
 train_set = SyntheticImages(args.samples, seed=0)
-test_set = SyntheticImages(1024, seed=1)
+test_set = SyntheticImages(args.test_samples, seed=1)
 # The script's own loader, as written by hand; autoload keeps its shuffling and tunes the rest.
 train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True)
 if args.result:

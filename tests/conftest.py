@@ -109,6 +109,13 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture
+def simulated(clock: FakeClock) -> dict[str, object]:
+    """``tune()`` arguments for a run that measures a simulated surface on a fake clock, in
+    milliseconds: for tests of what the user passes in and gets back, not of measuring."""
+    return {"probe": SurfaceProbe(clock), "clock": clock, "timeout": 20}
+
+
 class PipelineProbe(Probe):
     """A simulated loading pipeline with known costs, measured with noise on a fake clock.
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import autoload  # noqa: E402
 import autoload.distributed  # noqa: E402
+import autoload.errors  # noqa: E402
 
 from toydata import Indexed  # noqa: E402
 
@@ -76,12 +77,12 @@ def main() -> int:
     net = DistributedDataParallel(nn.Linear(4, 3).to(device))
     try:
         result = autoload.tune(data, model=net, loss_fn=nn.functional.cross_entropy,
-                               timeout=float(os.environ.get("AUTOLOAD_TEST_TIMEOUT", 12)),
+                               timeout=float(os.environ.get("AUTOLOAD_TEST_TIMEOUT", 6)),
                                max_workers=2, final_rounds=2,
                                cache="AUTOLOAD_TEST_CACHE" in os.environ,
                                cache_dir=os.environ.get("AUTOLOAD_TEST_CACHE"))
     except (autoload.AutoloadError, KeyboardInterrupt) as exc:
-        print(f"autoload: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr,
+        print(f"autoload: rank {rank}: {autoload.errors.summary(exc)}", file=sys.stderr,
               flush=True)
         return 1
     loader = autoload.best_loader(data, result=result)

@@ -1,5 +1,6 @@
 """The benchmark's grid helpers, its case modules, and one quick run of `benchmarks/run.py`."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -202,31 +203,46 @@ def test_a_cut_short_rate_that_reads_high_prunes_nothing():
     # that flattered reading would put under 0.8 x the best.
     probe = CutShortFirst({slow: 900.0, other: 950.0}, slow={slow}, factor=2.0)
     points, _ = oracle.run_grid("t", probe, [slow, other], QUICK,
-                             bound=lambda config, best: 1000.0)
+                             bound=lambda config: 1000.0)
     assert not points[1]["skipped"] and points[1]["samples_per_second"] == 950.0
     assert points[0]["samples_per_second"] == 900.0  # measured again whole: within 0.8 x
 
 
-def test_a_slow_warm_up_step_settles_the_step_bound():
-    import torch
+class StepAlone(CutShortFirst):
+    """Rates from a table, and a step-alone rate for each batch size."""
 
-    class Sleepy(torch.nn.Module):
-        def __init__(self, seconds):
-            super().__init__()
-            self.seconds, self.linear = seconds, torch.nn.Linear(2, 2)
+    def __init__(self, rates, steps):
+        super().__init__(rates, slow=set())
+        self.steps, self.asked = steps, []
 
-        def forward(self, x):
-            time.sleep(self.seconds)
-            return self.linear(x)
+    def step_rate(self, config, window):
+        self.asked.append((config.batch_size, config.amp))
+        return self.steps[config.batch_size]
 
-    data = torch.utils.data.TensorDataset(torch.zeros(8, 2), torch.zeros(8, dtype=torch.long))
-    loss = torch.nn.functional.cross_entropy
-    # A 2 s warm-up step is interrupted after 1 s: even 3 x 8 samples / 1 s is under 1000/s.
-    rate, warmup_only = oracle.step_bound(Sleepy(2.0), loss, data, 8, None, 0.1, below=1000.0)
-    assert warmup_only and rate == pytest.approx(3 * 8 / 1.0, rel=0.1)
-    # Not below the threshold: the steps are timed as usual.
-    rate, warmup_only = oracle.step_bound(Sleepy(1.1), loss, data, 8, None, 0.1, below=1.0)
-    assert not warmup_only and rate == pytest.approx(8 / 1.1, rel=0.1)
+
+def test_the_grid_skips_a_point_whose_step_alone_the_probe_measures_under_the_best():
+    from cases import Case
+
+    from autoload import LoaderConfig
+
+    case = Case(name="t", description="d", bottleneck="b", n=64, make_dataset=lambda: None,
+                make_model=lambda: None, loss=None, max_batch=64)
+    quick = dataclasses.replace(QUICK, batch_sizes=2, amps=(None,))
+    configs = grid.build_grid([8, 64], quick.workers, has_model=True, amps=(None,),
+                              prefetch_factors=quick.prefetch_factors,
+                              pin_memory=quick.pin_memory)
+    # Batches of 8 run 1000/s at best, and come first; 64's step alone (500/s) is under
+    # 0.8 x that: its points are skipped. 8's step alone (5000/s) never prunes.
+    rates = {c: (1000.0 if c.batch_size == 8 else 400.0) for c in configs}
+    probe = StepAlone(rates, steps={8: 5000.0, 64: 500.0})
+    block, best, rate = oracle.measure_grid(case, object(), probe, quick)
+    assert probe.asked == [(8, None), (64, None)]  # once a batch size each
+    assert [b["samples_per_second"] for b in block["step_bounds"]] == [5000.0, 500.0]
+    assert best.batch_size == 8 and rate == 1000.0
+    skipped = [LoaderConfig.from_dict(p["config"]) for p in block["points"] if p["skipped"]]
+    assert [c.batch_size for c in skipped] == [64] * (len(configs) // 2)
+    assert all(p["step_bound"] == 5000.0 and not p["skipped"] for p in block["points"]
+               if p["config"]["batch_size"] == 8)
 
 
 def test_random_workloads_are_drawn_from_the_seed_and_are_real_work():

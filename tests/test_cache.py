@@ -19,36 +19,59 @@ from autoload import cache
 from autoload.cli import main
 from autoload.report import render_report
 
+from conftest import SurfaceProbe
 from toydata import Indexed
 
-FAST = dict(timeout=2, max_workers=1, final_rounds=1)
+
+@pytest.fixture
+def tune(clock):
+    """``autoload.tune`` measuring a simulated surface on a fake clock, with the cache on as a
+    run without a probe of its own has it; the probe of each run is ``tune.probes[-1]``."""
+
+    def run(dataset, **kwargs):
+        probe = SurfaceProbe(clock)
+        run.probes.append(probe)
+        options = {"cache": True, "timeout": 20, "max_workers": 1, "final_rounds": 1, **kwargs}
+        return autoload.tune(dataset, probe=probe, clock=clock, **options)
+
+    run.probes = []
+    return run
 
 
-def test_a_second_run_is_answered_from_the_cache_at_once_and_says_so(monkeypatch):
-    first = autoload.tune(Indexed(96), **FAST)
+def test_a_second_run_is_answered_from_the_cache_at_once_and_says_so(tune, clock):
+    first = tune(Indexed(96))
     assert first.cached is None and len(cache.entries()) == 1
-
-    def measured(*args, **kwargs):
-        raise AssertionError("a remembered result measures nothing")
-
-    monkeypatch.setattr(autoload.TrainingProbe, "measure", measured)
-    monkeypatch.setattr(autoload.TrainingProbe, "step_rate", measured)
-    again = autoload.tune(Indexed(96), **FAST)
+    assert tune.probes[0].calls  # measured
+    now = clock.now
+    again = tune(Indexed(96))
+    assert not tune.probes[1].calls and clock.now == now  # a remembered result measures nothing
     assert again.cached and again.config == first.config
     text = io.StringIO()
     Console(file=text, width=80).print(render_report(again))
     assert "from the cache" in text.getvalue()
 
 
-def test_what_changes_the_answer_misses_and_cache_false_measures_again():
-    autoload.tune(Indexed(96), **FAST)
-    assert autoload.tune(Indexed(120), **FAST).cached is None  # another data set
-    assert autoload.tune(Indexed(96), **{**FAST, "max_workers": 0}).cached is None  # bounds
+def test_the_cache_is_on_by_default_and_off_for_a_probe_of_the_caller_s_unless_asked(clock):
+    first = autoload.tune(Indexed(96), timeout=1, max_workers=0, final_rounds=1)  # measured
+    assert first.cached is None and len(cache.entries()) == 1
+    assert autoload.tune(Indexed(96), timeout=1, max_workers=0, final_rounds=1).cached
+    options = dict(probe=SurfaceProbe(clock), clock=clock, timeout=20, max_workers=1,
+                   final_rounds=1)
+    autoload.tune(Indexed(120), **options)
+    assert len(cache.entries()) == 1  # its rates are not this machine's loader's
+    autoload.tune(Indexed(120), cache=True, **options)
+    assert len(cache.entries()) == 2
+
+
+def test_what_changes_the_answer_misses_and_cache_false_measures_again(tune):
+    tune(Indexed(96))
+    assert tune(Indexed(120)).cached is None  # another data set
+    assert tune(Indexed(96), max_workers=0).cached is None  # bounds
     net = nn.Linear(4, 3)
-    assert autoload.tune(Indexed(96), model=net, loss_fn=nn.functional.cross_entropy,
-                         **FAST).cached is None  # a model
-    assert autoload.tune(Indexed(96), cache=False, **FAST).cached is None
-    assert autoload.tune(Indexed(96), **FAST).cached  # the first one is still there
+    assert tune(Indexed(96), model=net, loss_fn=nn.functional.cross_entropy,
+                         ).cached is None  # a model
+    assert tune(Indexed(96), cache=False).cached is None
+    assert tune(Indexed(96)).cached  # the first one is still there
 
 
 def test_the_key_reads_a_few_items_without_touching_the_random_generators():
@@ -61,22 +84,22 @@ def test_the_key_reads_a_few_items_without_touching_the_random_generators():
     assert parts["data"]["length"] == 96 and len(parts["data"]["items"]) == 3
 
 
-def test_a_corrupt_or_foreign_cache_file_is_ignored_with_a_warning():
-    autoload.tune(Indexed(96), **FAST)
+def test_a_corrupt_or_foreign_cache_file_is_ignored_with_a_warning(tune):
+    tune(Indexed(96))
     (path, _), = cache.entries()
     path.write_text("{not json")
     with pytest.warns(cache.CacheWarning, match="ignored the cache file"):
-        fresh = autoload.tune(Indexed(96), **FAST)
+        fresh = tune(Indexed(96))
     assert fresh.cached is None
     data = json.loads(path.read_text())  # rewritten by the fresh run
     data["cache"]["key"] = "someone else's"
     path.write_text(json.dumps(data))
     with pytest.warns(cache.CacheWarning, match="another key"):
-        assert autoload.tune(Indexed(96), **FAST).cached is None
+        assert tune(Indexed(96)).cached is None
 
 
-def test_cli_lists_shows_and_clears_the_cache():
-    autoload.tune(Indexed(96), **FAST)
+def test_cli_lists_shows_and_clears_the_cache(tune):
+    tune(Indexed(96))
     out = io.StringIO()
     assert main(["cache", "list"], console=Console(file=out, width=120)) == 0
     assert "Indexed" in out.getvalue() and "bs=" in out.getvalue()
@@ -100,8 +123,8 @@ def _ids(listing):
             if line.strip() and all(c in "0123456789abcdef" for c in line.split()[0])]
 
 
-def test_show_takes_the_id_cache_list_prints_or_a_shorter_prefix_of_it():
-    autoload.tune(Indexed(96), **FAST)
+def test_show_takes_the_id_cache_list_prints_or_a_shorter_prefix_of_it(tune):
+    tune(Indexed(96))
     listing = _listing()
     (entry, _), = cache.entries()
     assert _ids(listing) == [entry.stem[:12]]
@@ -113,8 +136,8 @@ def test_show_takes_the_id_cache_list_prints_or_a_shorter_prefix_of_it():
         assert "Winning settings" in out.getvalue()
 
 
-def test_show_an_unknown_or_ambiguous_id_says_so_in_one_line(tmp_path):
-    autoload.tune(Indexed(96), cache_dir=tmp_path, **FAST)
+def test_show_an_unknown_or_ambiguous_id_says_so_in_one_line(tune, tmp_path):
+    tune(Indexed(96), cache_dir=tmp_path)
     (entry,) = tmp_path.glob("*.json")
     entry.rename(tmp_path / f"abc1{entry.stem[4:]}.json")
     (tmp_path / f"abc2{entry.stem[4:]}.json").write_text((tmp_path / f"abc1{entry.stem[4:]}.json")
@@ -135,9 +158,9 @@ class ImageFolderWithHeavyAugmentationsAndCaching(Indexed):
     pass
 
 
-def test_cache_list_fits_80_columns_without_wrapping_a_long_data_set_name():
-    autoload.tune(ImageFolderWithHeavyAugmentationsAndCaching(96), **FAST)
-    autoload.tune(Indexed(96), **FAST)
+def test_cache_list_fits_80_columns_without_wrapping_a_long_data_set_name(tune):
+    tune(ImageFolderWithHeavyAugmentationsAndCaching(96))
+    tune(Indexed(96))
     listing = _listing()
     assert all(len(line) <= 80 for line in listing.splitlines())
     rows = [line for line in listing.splitlines() if "bs=" in line]
@@ -148,15 +171,15 @@ def test_cache_list_fits_80_columns_without_wrapping_a_long_data_set_name():
     assert "ImageFolderWithHeavyAugmentationsAndCaching" in wide and "…" not in wide
 
 
-def test_the_cache_folder_is_the_one_given_else_autoload_cache_dir(tmp_path, monkeypatch):
+def test_the_cache_folder_is_the_one_given_else_autoload_cache_dir(tune, tmp_path, monkeypatch):
     given, env = tmp_path / "given", tmp_path / "env"
-    autoload.tune(Indexed(96), cache_dir=given, **FAST)
+    tune(Indexed(96), cache_dir=given)
     assert len(list(given.glob("*.json"))) == 1 and not cache.entries()
-    assert autoload.tune(Indexed(96), cache_dir=given, **FAST).cached
+    assert tune(Indexed(96), cache_dir=given).cached
     monkeypatch.setenv(cache.ENV, str(env))
-    assert autoload.tune(Indexed(96), **FAST).cached is None
+    assert tune(Indexed(96)).cached is None
     assert len(list(env.glob("*.json"))) == 1
-    assert autoload.tune(Indexed(96), **FAST).cached  # found in $AUTOLOAD_CACHE_DIR
+    assert tune(Indexed(96)).cached  # found in $AUTOLOAD_CACHE_DIR
     monkeypatch.delenv(cache.ENV)
     (entry,) = given.glob("*.json")
     assert _ids(_listing("--cache-dir", str(given))) == [entry.stem[:12]]
@@ -179,13 +202,14 @@ def test_cli_tune_remembers_in_the_cache_dir_given(tmp_path):
     assert len(list(folder.glob("*.json"))) == 1 and not cache.entries()
 
 
-def test_two_stores_of_one_key_that_finish_together_leave_one_whole_file(tmp_path, monkeypatch):
+def test_two_stores_of_one_key_that_finish_together_leave_one_whole_file(tune, tmp_path,
+                                                                         monkeypatch):
     """Two processes (or two nodes sharing the folder, where process ids can be equal) write
     the same entry at once: the second finishes while the first is between its write and its
     rename."""
     parts = cache.fingerprint(dataset=Indexed(8), model=None, step=None, loss_fn=None,
                               optimizer=None, device="cpu", loader_options={}, bounds={})
-    result = autoload.tune(Indexed(96), cache=False, **FAST)
+    result = tune(Indexed(96), cache=False)
     renamed = []
     real_replace = os.replace
 
@@ -204,10 +228,10 @@ def test_two_stores_of_one_key_that_finish_together_leave_one_whole_file(tmp_pat
     assert cache.load(parts, tmp_path).config == result.config
 
 
-def test_concurrent_stores_in_threads_leave_one_whole_file_and_no_temporary_ones(tmp_path):
+def test_concurrent_stores_in_threads_leave_one_whole_file_and_no_temporary_ones(tune, tmp_path):
     parts = cache.fingerprint(dataset=Indexed(8), model=None, step=None, loss_fn=None,
                               optimizer=None, device="cpu", loader_options={}, bounds={})
-    result = autoload.tune(Indexed(96), cache=False, **FAST)
+    result = tune(Indexed(96), cache=False)
     start = threading.Barrier(8)
 
     def store():
@@ -222,13 +246,13 @@ def test_concurrent_stores_in_threads_leave_one_whole_file_and_no_temporary_ones
     assert cache.load(parts, tmp_path).config == result.config
 
 
-def test_a_result_measured_on_a_busy_machine_is_measured_again_and_replaced():
-    autoload.tune(Indexed(96), **FAST)
+def test_a_result_measured_on_a_busy_machine_is_measured_again_and_replaced(tune):
+    tune(Indexed(96))
     [(path, data)] = cache.entries()
     data["others_cpu"], data["busy"] = 0.7, True  # as a run beside two busy processes stores it
     path.write_text(json.dumps(data))
-    again = autoload.tune(Indexed(96), **FAST)
+    again = tune(Indexed(96))
     assert again.cached is None and not again.busy  # measured again (on a quiet machine)
-    assert autoload.tune(Indexed(96), **FAST).cached  # which replaced the busy one
+    assert tune(Indexed(96)).cached  # which replaced the busy one
     [(_, data)] = cache.entries()
     assert data["others_cpu"] is None and data["busy"] is False

@@ -173,7 +173,7 @@ def module_run(tmp_path_factory: pytest.TempPathFactory,
 def model_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     yield from module_run(tmp_path_factory, lambda path, out: [
         "tune", f"{path}:make_dataset", "--model", f"{path}:make_model",
-        "--loss", "cross_entropy", "--device", "cpu", "--timeout", "6", "--max-workers", "1",
+        "--loss", "cross_entropy", "--device", "cpu", "--timeout", "5", "--max-workers", "1",
         "--quiet", "--json", str(out),
     ])
 
@@ -181,7 +181,7 @@ def model_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 @pytest.fixture(scope="module")
 def data_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     yield from module_run(tmp_path_factory, lambda path, out: [
-        "tune", f"{path}:DATASET", "--device", "cpu", "--timeout", "4", "--max-workers", "1",
+        "tune", f"{path}:DATASET", "--device", "cpu", "--timeout", "3", "--max-workers", "1",
         "--quiet", "--json", str(out),
     ])
 
@@ -190,7 +190,7 @@ def data_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 def drop_last_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     yield from module_run(tmp_path_factory, lambda path, out: [
         "tune", f"{path}:make_prime_dataset", "--drop-last", "--device", "cpu",
-        "--timeout", "4", "--max-workers", "1", "--quiet", "--json", str(out),
+        "--timeout", "3", "--max-workers", "1", "--quiet", "--json", str(out),
     ])
 
 

@@ -10,7 +10,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def test_training_script_tunes_then_trains():
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / "train.py"), "--epochs", "1", "--tune-seconds", "4",
-         "--samples", "256"],
+         "--samples", "256", "--test-samples", "128"],
         capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -1,6 +1,5 @@
 """Faults inside trials: the study goes on, the trial is marked, nothing is lost."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -24,11 +23,10 @@ CPU = torch.device("cpu")
 
 
 def test_hung_worker_is_bounded_by_the_deadline():
-    start = time.monotonic()
-    with pytest.raises(Exception, match="timed out|deadline"):
+    # The loader's own timeout is the window's deadline: the error names it.
+    with pytest.raises(autoload.TrialTimeout, match=r"no batch came from the DataLoader.* 1\.5 "):
         TrainingProbe(Hangs(64), device=CPU).measure(
             LoaderConfig(16, num_workers=1, prefetch_factor=1), Window(seconds=0.2, deadline=1.5))
-    assert time.monotonic() - start < 10
     assert not worker_processes()
 
 
@@ -67,15 +65,18 @@ def test_ctrl_c_keeps_finished_trials_restores_the_model_and_leaves_no_worker(tm
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     before = [p.detach().clone() for p in net.parameters()]
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    data = InterruptsAfter(960, after=40, armed=False)
+    data = InterruptsAfter(960, after=1, armed=False)
 
     def arm_after_two_trials(event):
-        data.armed = event.done >= 2  # Ctrl-C in the middle of the third trial
+        data.armed = event.phase == "search" and event.done >= 2  # Ctrl-C at the third's start
 
+    # The interrupt ends the run, not the budget: 15 s hold the pilot and two trials of 0.25 s
+    # windows many times over. (5 s did not, on a busy machine: the search ended after one
+    # trial, and the interrupt came in the final's second measurement.)
     with pytest.raises(KeyboardInterrupt):
         autoload.tune(data, model=net, loss_fn=nn.functional.cross_entropy, optimizer=opt,
                       storage=url, study_name="s", num_workers=0, progress=arm_after_two_trials,
-                      **FAST)
+                      **{**FAST, "timeout": 15})
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     assert not opt.state  # the momentum buffers the trials made are gone
     assert not worker_processes()
@@ -87,14 +88,15 @@ def test_cli_ctrl_c_exits_130_and_leaves_no_worker(tmp_path):
     marker = tmp_path / "started"
     (tmp_path / "slowdata.py").write_text(textwrap.dedent(f"""
         import time, torch
-        from torch.utils.data import Dataset
+        from torch.utils.data import Dataset, get_worker_info
 
         class Slow(Dataset):
             def __len__(self):
                 return 256
 
             def __getitem__(self, i):
-                open({str(marker)!r}, "w").close()
+                if get_worker_info() is not None:  # a trial with workers has begun
+                    open({str(marker)!r}, "w").close()
                 time.sleep(0.01)
                 return torch.zeros(4)
 
@@ -103,13 +105,14 @@ def test_cli_ctrl_c_exits_130_and_leaves_no_worker(tmp_path):
     """))
     proc = subprocess.Popen(
         [sys.executable, "-m", "autoload.cli", "tune", f"{tmp_path}/slowdata.py:make",
-         "--timeout", "60", "--max-workers", "2", "--quiet"],
+         "--timeout", "60", "--workers", "1,2", "--quiet"],  # workers from the first trial
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(1.5)  # into a trial with workers, past the first baseline
+    assert proc.poll() is None and marker.exists(), proc.communicate()
     workers = psutil.Process(proc.pid).children(recursive=True)
+    assert [p for p in workers if "resource_tracker" not in " ".join(p.cmdline())]
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -143,7 +146,7 @@ def test_cli_sigterm_ends_like_ctrl_c_keeps_finished_trials_and_leaves_no_worker
     """))
     url = f"sqlite:///{tmp_path / 'study.db'}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "autoload", "tune", "slowdata.py:Slow", "--timeout", "120",
+        [sys.executable, "-m", "autoload", "tune", "slowdata.py:Slow", "--timeout", "30",
          "--max-workers", "2", "--quiet", "--no-cache", "--storage", url, "--study-name", "s"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -161,8 +164,8 @@ def test_cli_sigterm_ends_like_ctrl_c_keeps_finished_trials_and_leaves_no_worker
     assert _completed_trials(url) >= 2  # the finished trials stay in --storage
 
 
-def test_iterable_dataset_keeps_num_workers_zero_and_says_so():
-    result = autoload.tune(Stream(200), **FAST)
+def test_iterable_dataset_keeps_num_workers_zero_and_says_so(simulated):
+    result = autoload.tune(Stream(200), **simulated)
     assert {t.config.num_workers for t in result.trials} == {0}
     assert any("IterableDataset" in note for note in result.notes)
     assert result.samples_per_epoch is None
@@ -172,12 +175,13 @@ def test_user_state_survives_a_trial_that_raises_mid_window():
     torch.manual_seed(0)
     net = nn.Linear(4, 3)
     before = [p.detach().clone() for p in net.parameters()]
-    probe = TrainingProbe(InterruptsAfter(64, after=40), device=CPU, model=net,
-                          loss_fn=nn.functional.cross_entropy)
+    data = InterruptsAfter(64, after=40)
+    probe = TrainingProbe(data, device=CPU, model=net, loss_fn=nn.functional.cross_entropy)
     with pytest.raises(KeyboardInterrupt):
         probe.measure(LoaderConfig(16), Window(seconds=5))
+    assert data.calls == 40  # two batches trained before the interrupt, in the third
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
-    assert os.getpid() == psutil.Process().pid
+    assert net.training and torch.is_grad_enabled() and not worker_processes()
 
 
 def test_segfault_in_a_worker_fails_that_trial_only():

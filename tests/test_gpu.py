@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 import autoload
-from autoload import LoaderConfig, TrainingProbe, Window
-from autoload.memory import MemoryCapExceeded
+from autoload import LoaderConfig, MemoryCapExceeded, TrainingProbe, Window
 
 from toydata import Indexed
 

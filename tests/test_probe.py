@@ -5,12 +5,19 @@ import time
 import pytest
 import torch
 
-from autoload import DatasetError, LoaderConfig, TrainingProbe, Window
-from autoload.memory import MemoryCapExceeded
-from autoload.probe import TrialTimeout, move_to_device
+from autoload import (
+    DatasetError,
+    LoaderConfig,
+    MemoryCapExceeded,
+    TrainingProbe,
+    TrialTimeout,
+    Window,
+)
+from autoload.alarm import OutOfTime
+from autoload.probe import move_to_device
 
-from conftest import worker_processes
-from toydata import FreezeCount, Hangs, Indexed, Ragged, Raises, Slow, Uneven, WorkerHog
+from conftest import FakeClock, worker_processes
+from toydata import FreezeCount, Hangs, Indexed, Ragged, Raises, Slow, WorkerHog
 
 CPU = torch.device("cpu")
 SHORT = Window(seconds=0.2, deadline=20)
@@ -32,12 +39,18 @@ def test_epochs_run_back_to_back_when_the_window_is_longer():
     assert m.batches > 2  # 2 batches an epoch, many epochs in the window
 
 
-def test_training_probe_with_model_and_bf16():
-    net = torch.nn.Linear(4, 3)
-    probe = TrainingProbe(Indexed(64), device=CPU, model=net,
-                          loss_fn=torch.nn.functional.cross_entropy)
-    m = probe.measure(LoaderConfig(16, amp="bfloat16"), SHORT)
-    assert m.samples_per_second > 0
+@pytest.mark.parametrize("amp", [None, "bfloat16"])
+def test_the_step_runs_under_the_configuration_s_autocast(amp):
+    seen = set()
+
+    def loss_fn(out, y):
+        seen.add(out.dtype)  # the model's output: bf16 where autocast ran
+        return torch.nn.functional.cross_entropy(out.float(), y)
+
+    probe = TrainingProbe(Indexed(64), device=CPU, model=torch.nn.Linear(4, 3), loss_fn=loss_fn)
+    m = probe.measure(LoaderConfig(16, amp=amp), SHORT)
+    assert seen == {torch.bfloat16 if amp else torch.float32}
+    assert m.samples_per_second > 0 and not torch.is_autocast_enabled("cpu")
 
 
 def test_worker_memory_is_counted():
@@ -92,48 +105,79 @@ def test_step_rate_bounds_the_training_step_and_restores_the_model():
     assert TrainingProbe(Indexed(64), device=CPU).step_rate(LoaderConfig(16), SHORT) is None
 
 
+class Ticks(FakeClock):
+    """A clock each reading of which moves on by ``tick`` seconds."""
+
+    def __init__(self, tick: float) -> None:
+        super().__init__()
+        self.tick = tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+class Takes(Indexed):
+    """Each item takes ``seconds`` of ``clock``'s time (in the main process: ``num_workers=0``);
+    with ``uneven``, every 4th block of 16 items 8x as long. From the ``cut_at``-th item on,
+    the time limit's alarm goes off while the item is fetched."""
+
+    def __init__(self, n, clock, seconds, *, uneven=False, cut_at=None):
+        super().__init__(n)
+        self.clock, self.seconds, self.uneven, self.cut_at = clock, seconds, uneven, cut_at
+        self.calls = 0
+
+    def __getitem__(self, i):
+        self.calls += 1
+        self.clock.now += self.seconds * (8 if self.uneven and (i // 16) % 4 == 0 else 1)
+        if self.cut_at is not None and self.calls >= self.cut_at:
+            raise OutOfTime
+        return super().__getitem__(i)
+
+
 def test_a_hopeless_configuration_is_cut_short():
-    probe = TrainingProbe(Indexed(64), device=CPU)
+    # Clock time only: the window of 3 s ends once a third of it shows the rate stays under
+    # the bar, long before its end.
+    probe = TrainingProbe(Indexed(64), device=CPU, clock=Ticks(0.001))
     m = probe.measure(LoaderConfig(16), Window(seconds=3, abandon_below=1e12))
-    assert m.cut_short and m.seconds < 2 and m.samples_per_second > 0
+    assert m.cut_short and 1 <= m.seconds < 3 and m.samples_per_second > 0
 
 
 def test_slow_batches_stop_at_the_time_limit():
-    from toydata import Slow
-
-    probe = TrainingProbe(Slow(64, 0.02), device=CPU)  # 0.3 s a batch of 16
-    start = time.monotonic()
+    probe = TrainingProbe(Slow(64, 0.02), device=CPU)  # 0.32 s a batch of 16, or more
     m = probe.measure(LoaderConfig(16), Window(seconds=5, time_limit=1.0))
-    assert m.cut_short and time.monotonic() - start < 2.5 and m.samples_per_second > 0
+    # Cut (nothing but the limit cuts here) with fewer batches than the 5 s window holds.
+    assert m.cut_short and 1 <= m.batches < 5 / (16 * 0.02) and m.samples_per_second > 0
 
 
 def test_a_window_cut_short_counts_neither_the_batch_in_progress_nor_its_time():
-    # 10 items of 20 ms: 0.2 s a batch, 50/s. Cut 0.75 s after the first batch, three quarters
-    # into a batch: timing up to the cut but counting only whole batches would say 36/s.
-    probe = TrainingProbe(Slow(40, 0.02), device=CPU)
-    m = probe.measure(LoaderConfig(10), Window(seconds=5, time_limit=0.75))
-    assert m.cut_short and m.batches >= 2
-    assert m.samples_per_second == pytest.approx(50, rel=0.1)
+    # 10 items of 20 ms: 0.2 s a batch, 50/s. Cut three quarters into the measured epoch's
+    # third batch (after a warm-up epoch of 2 batches): timing up to the cut but counting only
+    # whole batches would say 36/s.
+    clock = FakeClock()
+    data = Takes(40, clock, 0.02, cut_at=20 + 2 * 10 + 8)
+    m = TrainingProbe(data, device=CPU, clock=clock).measure(LoaderConfig(10), Window(seconds=5))
+    assert m.cut_short and m.batches == 2 and m.samples == 20
+    assert m.samples_per_second == pytest.approx(50, rel=1e-6)
 
 
 def test_a_step_slower_than_the_time_limit_is_interrupted():
-    from toydata import Slow
-
-    probe = TrainingProbe(Slow(64, 0.05), device=CPU)  # 0.8 s a batch of 16
-    start = time.monotonic()
+    data = Slow(64, 0.05)  # 0.8 s a batch of 16, or more
+    probe = TrainingProbe(data, device=CPU)
     m = probe.measure(LoaderConfig(16), Window(seconds=5, time_limit=0.5))
-    # Interrupted inside the second batch (0.5 s after the first), not after it (near 1.6 s);
-    # the rate is the first batch's, timed from the loader's start.
-    assert m.cut_short and time.monotonic() - start < 1.5
-    assert m.samples == 16 and 0.75 < m.seconds < 1.0
+    # Interrupted inside the second batch (0.5 s after the first), not after it: the rate is
+    # the first batch's, timed from the loader's start, and the fetches stopped within a batch.
+    assert m.cut_short and m.samples == 16 and m.seconds >= 16 * 0.05
+    assert 16 < data.calls < 32
 
 
 def test_probe_reports_how_much_its_rate_varies():
     config, window = LoaderConfig(4), Window(seconds=0.5, deadline=20)
-    steady = TrainingProbe(Slow(4096, 0.002), device=CPU).measure(config, window)
-    uneven = TrainingProbe(Uneven(4096, 0.002), device=CPU).measure(config, window)
-    assert steady.rate_cv is not None and uneven.rate_cv is not None
-    assert steady.rate_cv < 0.05 < uneven.rate_cv
+    clock = FakeClock()
+    steady = TrainingProbe(Takes(4096, clock, 0.002), device=CPU, clock=clock)
+    uneven = TrainingProbe(Takes(4096, clock, 0.002, uneven=True), device=CPU, clock=clock)
+    steady_cv, uneven_cv = (p.measure(config, window).rate_cv for p in (steady, uneven))
+    assert steady_cv == pytest.approx(0, abs=1e-6) and uneven_cv > 0.05
 
 
 # A spawned worker can abort while its interpreter exits, its work done (about 1 run in 9 here);
@@ -155,31 +199,30 @@ def test_when_the_workers_make_whole_epochs_the_probe_measures_whole_epochs(cont
 
 
 class _SlowStep(torch.nn.Module):
-    """A model whose forward pass takes ``seconds``: the step, not the data, binds."""
+    """A model whose forward pass takes ``seconds``, of real time and of ``clock``'s: the step,
+    not the data, binds."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, clock: FakeClock) -> None:
         super().__init__()
-        self.seconds, self.linear = seconds, torch.nn.Linear(4, 3)
+        self.seconds, self.clock, self.linear = seconds, clock, torch.nn.Linear(4, 3)
 
     def forward(self, x):
-        time.sleep(self.seconds)
+        time.sleep(self.seconds)  # the workers, in real time, run ahead of the step
+        self.clock.now += self.seconds
         return self.linear(x)
 
 
 def test_workers_done_with_the_epoch_do_not_count_as_falling_behind():
-    # 12 batches of 4 at 20 ms a step or more; 2 workers x 4 prefetch make the epoch long
-    # before the step is through it, and then idle for want of work while the step drains
-    # their queue. Counting only what they made in the window said they fell behind (0/s).
-    probe = TrainingProbe(Indexed(48), device=CPU, model=_SlowStep(0.02),
-                          loss_fn=torch.nn.functional.cross_entropy)
+    # 12 batches of 4 at 20 ms a step; 2 workers x 4 prefetch make the epoch long before the
+    # step is through it, and then idle for want of work while the step drains their queue.
+    # The probe's clock moves with the step only: the window reads what the step allows.
+    clock = FakeClock()
+    probe = TrainingProbe(Indexed(48), device=CPU, model=_SlowStep(0.02, clock),
+                          loss_fn=torch.nn.functional.cross_entropy, clock=clock)
     config = LoaderConfig(4, num_workers=2, prefetch_factor=4)
-    step = probe.step_rate(config, Window(seconds=0.2))
+    assert probe.step_rate(config, Window(seconds=0.1)) == pytest.approx(4 / 0.02)
     m = probe.measure(config, Window(seconds=0.3, deadline=20))
-    # The step's rate, less what each epoch's start costs (a round trip to the workers: up to
-    # a third of an epoch this short on a busy machine); the old count read a fifth of it.
-    # Never above what the step allows (it sleeps 20 ms for 4 samples: 200/s), which the
-    # step's own short window can read well under on a busy machine (118/s once).
-    assert step is not None and 0.6 * step <= m.samples_per_second <= 1.05 * 4 / 0.02
+    assert m.samples_per_second == pytest.approx(4 / 0.02)
     # The window (15 steps) outlasts the 4 or more batches left of the first epoch after the
     # warm-up, and by its end the workers have made it all. Then the rest of an epoch is their
     # stock and the next starts empty: the window spans whole epochs, one's end to another's.

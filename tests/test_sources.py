@@ -14,7 +14,9 @@ from autoload.sources import resolve
 from conftest import worker_processes
 from toydata import EveryOther, Indexed, collate_pairs, seed_worker
 
-FAST = dict(timeout=3, max_workers=1, final_rounds=1)
+# Real training windows: 5 s leaves a busy machine's first windows time to finish (3 s did not:
+# beside two busy processes, the Hugging Face model's pilot ran past its deadline).
+FAST = dict(timeout=5, max_workers=1, final_rounds=1)
 TUNED = ("batch_size", "num_workers", "pin_memory", "prefetch_factor", "persistent_workers",
          "drop_last")
 
@@ -25,33 +27,32 @@ def _users_loader():
                       collate_fn=collate_pairs, worker_init_fn=seed_worker, generator=generator)
 
 
-def test_a_dataloader_keeps_everything_autoload_does_not_tune():
+def test_a_dataloader_keeps_everything_autoload_does_not_tune(simulated):
     users = _users_loader()
-    tuned = autoload.best_loader(users, **FAST)
+    tuned = autoload.best_loader(users, max_workers=1, **simulated)
     for key in ("dataset", "sampler", "collate_fn", "worker_init_fn", "generator"):
         assert getattr(tuned, key) is getattr(users, key), key
     assert [x[:, 0].long().tolist() for x, _ in tuned][0][:3] == [0, 2, 4]  # its own order
     served = sorted(torch.cat([x[:, 0] for x, _ in tuned]).long().tolist())
     assert served == list(range(96))  # every sample exactly once per epoch
-    assert not worker_processes()
 
 
-def test_shuffle_and_the_default_collate_are_recognised_not_copied():
+def test_shuffle_and_the_default_collate_are_recognised_not_copied(simulated):
     loader = DataLoader(Indexed(64), batch_size=8, shuffle=True)
     source = resolve(loader)
     assert source.loader_options == {"shuffle": True} and source.batch_size == 8
-    tuned = autoload.best_loader(loader, **FAST)
+    tuned = autoload.best_loader(loader, **simulated)
     assert isinstance(tuned.sampler, RandomSampler)
 
 
-def test_a_factory_of_a_dataloader_is_called_once():
+def test_a_factory_of_a_dataloader_is_called_once(simulated):
     calls = []
 
     def make():
         calls.append(1)
         return _users_loader()
 
-    autoload.best_loader(make, **FAST)
+    autoload.best_loader(make, **simulated)
     assert len(calls) == 1
 
 
@@ -171,14 +172,14 @@ def test_dict_batches_train_a_hugging_face_model_on_its_own_loss():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_keep_batch_size_tunes_the_rest_at_the_users_and_advice_explains_a_change():
+def test_keep_batch_size_tunes_the_rest_at_the_users_and_advice_explains_a_change(simulated):
     loader = DataLoader(Indexed(96), batch_size=12)
-    kept = autoload.tune(loader, keep_batch_size=True, **FAST)
+    kept = autoload.tune(loader, keep_batch_size=True, **simulated)
     assert {t.config.batch_size for t in kept.trials} == {12} and not kept.batch_size_advice()
     changed = autoload.tune(loader, batch_size=48, model=nn.Linear(4, 3),
                             loss_fn=nn.functional.cross_entropy,
                             optimizer=torch.optim.SGD(nn.Linear(4, 3).parameters(), lr=0.1),
-                            **FAST)
+                            **simulated)
     advice = " ".join(changed.batch_size_advice())
     assert "batch size 12 -> 48 (8 steps an epoch become 2)" in advice
     assert "multiply SGD's learning rate by 4" in advice

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import autoload
+from autoload.space import cpu_has_native_bf16
 
 from conftest import worker_processes
 from toydata import DiesInWorker, Indexed, WorkerHog
@@ -62,25 +63,26 @@ def _trained_net():
     return net, opt
 
 
-def test_model_and_optimizer_are_bit_identical_after_tune():
-    net, opt = _trained_net()
-    before = _state(net, opt)
-    result = autoload.tune(Indexed(96), model=net, loss_fn=nn.functional.cross_entropy,
-                           optimizer=opt, **FAST)
-    _same(before, _state(net, opt))
-    assert result.samples_per_second > 0 and result.amp in (None, "bfloat16")
-    assert not worker_processes()
-
-
-def test_model_is_restored_when_trials_fail():
+def test_model_and_optimizer_are_bit_identical_after_a_tune_whose_worker_trials_fail():
     net, opt = _trained_net()
     before = _state(net, opt)
     result = autoload.tune(DiesInWorker(96), model=net, loss_fn=nn.functional.cross_entropy,
                            optimizer=opt, num_workers=[0, 1], **FAST)
-    _same(before, _state(net, opt))
-    assert result.config.num_workers == 0
+    _same(before, _state(net, opt))  # after trials that trained, and trials that failed
+    assert result.samples_per_second > 0 and result.config.num_workers == 0
     assert any(t.state == "failed" and "worker" in (t.reason or "") for t in result.trials)
     assert not worker_processes()
+    # bf16 autocast is searched where the CPU runs it natively (the space doubles), and left
+    # out, and said, where it would be emulated.
+    space = dict(device_type="cpu", has_model=True, num_workers=[0, 1])
+    with_bf16 = autoload.build_space(96, **space, bf16_supported=True).size
+    without = autoload.build_space(96, **space, amp="off").size
+    left_out = any("bf16 autocast left out" in note for note in result.notes)
+    if cpu_has_native_bf16():
+        assert result.space_size == with_bf16 == 2 * without and not left_out
+    else:
+        assert result.space_size == without and left_out and result.amp is None
+        assert all(t.config.amp is None for t in result.trials)
 
 
 def test_workers_past_the_memory_cap_make_trials_infeasible_and_the_study_returns():
@@ -94,9 +96,10 @@ def test_workers_past_the_memory_cap_make_trials_infeasible_and_the_study_return
     assert not worker_processes()
 
 
-def test_best_loader_serves_every_sample_exactly_once_per_epoch():
+def test_best_loader_serves_every_sample_exactly_once_per_epoch(simulated):
     data = Indexed(120)
-    loader = autoload.best_loader(data, loader_options={"shuffle": True}, **FAST)
+    loader = autoload.best_loader(data, loader_options={"shuffle": True}, max_workers=1,
+                                  **simulated)
     assert isinstance(loader, autoload.DataLoader)  # the loader the tuner measured
     assert 120 % loader.batch_size == 0
     for _ in range(2):
@@ -104,10 +107,10 @@ def test_best_loader_serves_every_sample_exactly_once_per_epoch():
         assert sorted(seen) == list(range(120))
 
 
-def test_best_loader_with_drop_last_reports_dropped_samples():
+def test_best_loader_with_drop_last_reports_dropped_samples(simulated):
     data = Indexed(101)
     result = autoload.tune(data, drop_last=True, min_batch_size=8, max_batch_size=32,
-                           num_workers=0, **FAST)
+                           num_workers=0, **simulated)
     assert result.dropped_per_epoch == 101 % result.config.batch_size
     loader = autoload.best_loader(data, result=result)
     served = sum(len(x) for x, _ in loader)
@@ -119,10 +122,11 @@ def test_a_model_without_a_loss_on_pairs_is_a_one_line_error_naming_both_ways_ou
         autoload.tune(Indexed(64), model=nn.Linear(4, 3), **FAST)
 
 
-def test_dataloader_kwargs_from_a_shuffling_loader_build_a_loader_that_shuffles_as_best_loader():
+def test_dataloader_kwargs_from_a_shuffling_loader_build_a_loader_that_shuffles_as_best_loader(
+        simulated):
     data = Indexed(96)
     source = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
-    result = autoload.tune(source, timeout=2, max_workers=0, final_rounds=1)
+    result = autoload.tune(source, max_workers=0, **simulated)
     assert result.dataloader_kwargs["shuffle"] is True
     assert "shuffle" not in result.loader_kwargs  # DataLoader(..., shuffle=False, **it) works
     mine = autoload.DataLoader(data, **result.dataloader_kwargs)
@@ -133,8 +137,8 @@ def test_dataloader_kwargs_from_a_shuffling_loader_build_a_loader_that_shuffles_
     assert sorted(order) == list(range(96)) and order != list(range(96))
     again = autoload.TuneResult.from_json(result.to_json())
     assert again.dataloader_kwargs == result.dataloader_kwargs
-    plain = autoload.tune(torch.utils.data.DataLoader(data, batch_size=8), timeout=2,
-                          max_workers=0, final_rounds=1)
+    plain = autoload.tune(torch.utils.data.DataLoader(data, batch_size=8), max_workers=0,
+                          **simulated)
     assert "shuffle" not in plain.dataloader_kwargs
 
 

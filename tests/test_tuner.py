@@ -9,8 +9,14 @@ import torch
 from torch.utils.data import TensorDataset
 
 import autoload
-from autoload import ConfigError, LoaderConfig, TuningFailedError, build_space
-from autoload.memory import MemoryCapExceeded
+from autoload import (
+    ConfigError,
+    LoaderConfig,
+    MemoryCapExceeded,
+    TrialTimeout,
+    TuningFailedError,
+    build_space,
+)
 from autoload.search import PILOT_RUNS
 
 from conftest import PipelineProbe, SurfaceProbe, surface
@@ -414,8 +420,6 @@ class _HangsAfter(SurfaceProbe):
             return super().measure(config, window)
         self.calls.append(config)
         self.clock.now += window.deadline
-        from autoload.probe import TrialTimeout
-
         raise TrialTimeout("items stopped arriving: the data set's __getitem__ did not return "
                            "index 7 before the trial's deadline")
 

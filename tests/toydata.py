@@ -110,13 +110,15 @@ class Stream(torch.utils.data.IterableDataset):
 
 
 class Slow(Indexed):
-    """Each item takes ``seconds`` to fetch (it waits, like disk or network)."""
+    """Each item takes ``seconds`` to fetch (it waits, like disk or network); ``calls`` counts
+    the items fetched in this process."""
 
     def __init__(self, n: int, seconds: float) -> None:
         super().__init__(n)
-        self.seconds = seconds
+        self.seconds, self.calls = seconds, 0
 
     def __getitem__(self, i: int):
+        self.calls += 1
         time.sleep(self.seconds)
         return super().__getitem__(i)
 

@@ -7,11 +7,9 @@ import threading
 import time
 from types import FrameType
 
+from autoload.errors import TrialTimeout  # raised here; still importable from here
+
 __all__ = ["Alarm", "OutOfTime", "TrialTimeout"]
-
-
-class TrialTimeout(Exception):
-    """A trial ran past its deadline (a hung worker or ``__getitem__``)."""
 
 
 class OutOfTime(Exception):

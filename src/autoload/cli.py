@@ -17,7 +17,7 @@ from torch.nn import functional
 import autoload
 from autoload import cache
 from autoload.distributed import Terminated
-from autoload.errors import AutoloadError, ConfigError, SpecError
+from autoload.errors import AutoloadError, ConfigError, SpecError, summary
 from autoload.importer import import_from_string
 from autoload.memory import parse_size
 from autoload.report import LiveProgress, render_cache, render_report
@@ -326,8 +326,7 @@ def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -
             where = where.tb_next
         at = "" if where is None else (
             f" at {where.tb_frame.f_code.co_filename}:{where.tb_lineno}")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err.print(f"autoload: error: your code raised {type(exc).__name__}: {first}{at} "
+        err.print(f"autoload: error: your code raised {summary(exc)}{at} "
                   "(rerun with --debug for the traceback)", markup=False, soft_wrap=True)
         return 1
 

@@ -27,10 +27,15 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler, IterableDataset
 
 from autoload import errors
-from autoload.alarm import TrialTimeout
 from autoload.config import LoaderConfig
-from autoload.errors import AutoloadError, TuningFailedError
-from autoload.memory import MemoryCapExceeded, is_oom
+from autoload.errors import (
+    AutoloadError,
+    MemoryCapExceeded,
+    TrialTimeout,
+    TuningFailedError,
+    summary,
+)
+from autoload.memory import is_oom
 from autoload.probe import Probe
 from autoload.result import Measurement, costs_from_dict, costs_to_dict
 from autoload.sources import Source
@@ -103,9 +108,9 @@ class Channel:
         try:
             call()
         except (RuntimeError, ValueError) as exc:  # gloo's timeouts and broken connections
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TuningFailedError(
-                f"rank {self.world.rank}: another rank stopped answering while tuning ({first}); "
+                f"rank {self.world.rank}: another rank stopped answering while tuning "
+                f"({summary(exc)}); "
                 "look at that rank's own error, fix it, and run the job again."
             ) from exc
         finally:
@@ -160,12 +165,12 @@ def _attempt(measure: Callable[[], Any]) -> dict[str, Any]:
     exception, so that every rank still takes part in the gather)."""
     try:
         value = measure()
-    except AutoloadError as exc:
-        return {"fault": "autoload", "error": type(exc).__name__, "reason": str(exc)}
-    except MemoryCapExceeded as exc:
+    except MemoryCapExceeded as exc:  # (trial faults before the AutoloadError they are)
         return {"fault": "cap", "kind": exc.kind, "peak": exc.peak, "cap": exc.cap}
     except TrialTimeout as exc:
         return {"fault": "timeout", "reason": str(exc)}
+    except AutoloadError as exc:
+        return {"fault": "autoload", "error": type(exc).__name__, "reason": str(exc)}
     except Exception as exc:
         kind = "oom" if is_oom(exc) else "failed"
         return {"fault": kind, "error": type(exc).__name__, "reason": str(exc)}

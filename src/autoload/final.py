@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from autoload.config import LoaderConfig
-from autoload.errors import AutoloadError, TuningFailedError
+from autoload.errors import AutoloadError, TrialFault, TrialTimeout, TuningFailedError
 from autoload.pipeline import PipelineModel
-from autoload.probe import Measurement, TrialTimeout, Window
+from autoload.probe import Measurement, Window
 from autoload.result import FinalistRecord, ProgressEvent, Role, TuneResult
 from autoload.search import FINAL_WINDOW, SearchState, fault_reason
 
@@ -141,9 +141,9 @@ class _Remeasure:
             measurement = state.probe.measure(config, window)
             self.results[config].append(measurement)
             state.note_load(measurement)
-        except AutoloadError:
-            raise
         except Exception as exc:
+            if isinstance(exc, AutoloadError) and not isinstance(exc, TrialFault):
+                raise
             self.late_fault = self.late_fault or self.left() <= 0
             # A finalist that faults now is out, whatever it did before; one the budget's end
             # cut keeps what it measured (its later rounds find no time and are skipped).

@@ -12,7 +12,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from autoload.errors import ConfigError
+# MemoryCapExceeded and format_size live in errors.py; still importable from here.
+from autoload.errors import ConfigError, MemoryCapExceeded, format_size
 
 __all__ = [
     "MemoryCapExceeded",
@@ -32,14 +33,6 @@ _UNITS = {
     "t": 1000**4, "tb": 1000**4,
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
-
-
-class MemoryCapExceeded(Exception):
-    """A trial's memory crossed its cap; the trial is infeasible, not a user error."""
-
-    def __init__(self, kind: str, peak: int, cap: int) -> None:
-        super().__init__(f"{kind} memory {format_size(peak)} crossed the cap {format_size(cap)}")
-        self.kind, self.peak, self.cap = kind, peak, cap
 
 
 def parse_size(text: str | int | float) -> int:
@@ -63,15 +56,6 @@ def parse_size(text: str | int | float) -> int:
     if value <= 0:
         raise ConfigError(f"a memory size must be positive, but got {text!r}.")
     return int(value)
-
-
-def format_size(n: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" or abs(n) >= 100 else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -28,6 +28,7 @@ agree with it and the model only needs to be right about trends.
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -60,7 +61,6 @@ class Observation:
     config: LoaderConfig
     rate: float
     costs: Costs | None = None
-    samples_per_batch: float | None = None
     cut_short: bool = False
 
 
@@ -85,6 +85,7 @@ class _Line:
         for size, value in points:
             by_size.setdefault(size, []).append(max(value, 1e-9))
         self.sizes = sorted(by_size)
+        self.logs = [math.log(s) for s in self.sizes]
         values = [statistics.median(by_size[s]) for s in self.sizes]
         self.a, self.b = _fit_line(self.sizes, values)
         self.ratios = [v / self._base(s) for s, v in zip(self.sizes, values, strict=True)]
@@ -93,9 +94,20 @@ class _Line:
         return max(self.a + self.b * size, 1e-9)
 
     def __call__(self, size: float) -> float:
-        logs = [math.log(s) for s in self.sizes]
-        ratio = float(np.interp(math.log(size), logs, self.ratios))
-        return self._base(size) * ratio
+        return self._base(size) * _interp(math.log(size), self.logs, self.ratios)
+
+
+def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """``numpy.interp`` for one point, to the bit, without its cost per call (the planner
+    predicts every configuration of the space after each trial, each from several lines)."""
+    if x < xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    j = bisect.bisect_right(xs, x) - 1
+    if xs[j] == x:
+        return ys[j]
+    return (ys[j + 1] - ys[j]) / (xs[j + 1] - xs[j]) * (x - xs[j]) + ys[j]
 
 
 def _fit_line(sizes: Sequence[int], values: Sequence[float]) -> tuple[float, float]:
@@ -156,7 +168,8 @@ class PipelineModel:
         self._epoch_start = 0.0  # an epoch's start without workers
         self._fitted = _Fitted(cores=float(cores), bubble=1.0, round_trip=1e-3)
         self._residuals: list[tuple[np.ndarray, float]] = []
-        self._seen: list[np.ndarray] = []  # measured places, on the axes of novelty
+        self._residual_at = np.empty((0, len(_NOVELTY_AXES)))  # their places, one a row
+        self._seen = np.empty((0, len(_NOVELTY_AXES)))  # measured places, on novelty's axes
 
     @property
     def ready(self) -> bool:
@@ -182,9 +195,12 @@ class PipelineModel:
         self._epoch_start = max(0.0, statistics.median(starts)) if starts else 0.0
         self._fitted = self._fit_free()
         self._residuals = self._measured_errors()
+        self._residual_at = np.array([f for f, _ in self._residuals]).reshape(
+            len(self._residuals), len(_NOVELTY_AXES))
         # Every trial, cut short or not, makes its neighbourhood known: the search's optimism
         # about unmeasured places must not keep drawing it back to where trials were cut.
-        self._seen = [self._features(o.config) * _NOVELTY_AXES for o in self.observations]
+        self._seen = np.array([self._features(o.config) * _NOVELTY_AXES
+                               for o in self.observations]).reshape(-1, len(_NOVELTY_AXES))
 
     def _measured_errors(self) -> list[tuple[np.ndarray, float]]:
         """Each whole measurement's log error against the model, for the correction. A trial
@@ -204,8 +220,8 @@ class PipelineModel:
         self._step = line(lambda c: c.step_seconds)
         self._step_cpu = line(lambda c: max(c.main_cpu_seconds - c.fetch_cpu_seconds,
                                             0.2 * c.step_seconds))
-        sizes = [o.costs.batch_bytes / (o.samples_per_batch or o.config.batch_size)
-                 for o in plain if o.costs is not None and o.costs.batch_bytes]
+        sizes = [o.costs.batch_bytes / o.config.batch_size for o in plain
+                 if o.costs is not None and o.costs.batch_bytes]
         self._bytes_per_sample = statistics.median(sizes) if sizes else 0.0
 
     def _fit_amp(self, in_process: Sequence[Observation]) -> None:
@@ -228,7 +244,7 @@ class PipelineModel:
         if amp is None or amp not in self._amp:
             return 1.0
         logs, factors = self._amp[amp]
-        return float(np.interp(math.log(batch_size), logs, factors))
+        return _interp(math.log(batch_size), logs, factors)
 
     def _fit_workers(self, with_workers: Sequence[Observation]) -> None:
         assert self._fetch_cpu is not None
@@ -371,17 +387,25 @@ class PipelineModel:
         slowed the step most (on 76 KB items, 400 a batch with 7 workers and a prefetch of 8
         read 4.1k/s against 8.4k/s for 504 a batch with 4 workers and a prefetch of 2)."""
         x = self._features(config) * _NOVELTY_AXES
-        return 1.0 / (1.0 + sum(math.exp(-0.5 * float(np.sum((x - f) ** 2)))
-                                for f in self._seen))
+        return 1.0 / (1.0 + sum(math.exp(-0.5 * float(d)) for d in _squared_distances(
+            x, self._seen)))
 
     def _correction(self, config: LoaderConfig) -> float:
         if not self._residuals:
             return 0.0
         x = self._features(config)
-        weights = [math.exp(-0.5 * float(np.sum((x - f) ** 2))) for f, _ in self._residuals]
+        weights = [math.exp(-0.5 * float(d))
+                   for d in _squared_distances(x, self._residual_at)]
         total = sum(weights)
         return sum(w * r for w, (_, r) in zip(weights, self._residuals, strict=True)) / (
             total + _KERNEL_SHRINK)
+
+
+def _squared_distances(x: np.ndarray, places: np.ndarray) -> np.ndarray:
+    """The squared distance of ``x`` to each row of ``places``: one reduction for all rows
+    (the kernels weigh every measurement for every configuration the planner predicts)."""
+    distances: np.ndarray = np.sum((x - places) ** 2, axis=1)
+    return distances
 
 
 def _affine(points: Sequence[tuple[float, float]]) -> tuple[float, float]:

@@ -29,12 +29,11 @@ from torch.utils.data import (
 )
 
 from autoload import cpuload
-from autoload.alarm import Alarm, OutOfTime, TrialTimeout
+from autoload.alarm import Alarm, OutOfTime
 from autoload.config import LoaderConfig, batches_per_epoch
-from autoload.errors import AutoloadError, DatasetError
+from autoload.errors import AutoloadError, DatasetError, MemoryCapExceeded, TrialTimeout, summary
 from autoload.loader import DataLoader
 from autoload.memory import (
-    MemoryCapExceeded,
     MemoryWatchdog,
     child_pids,
     cpu_seconds,
@@ -68,10 +67,12 @@ class Probe(ABC):
 
     Contract: :meth:`measure` returns a :class:`Measurement`, or raises. It must leave no worker
     process behind and leave any model or optimizer it touched as it found them. It raises
-    :class:`~autoload.memory.MemoryCapExceeded` for a crossed cap and :class:`TrialTimeout`
-    for a deadline; any other exception is treated as a fault of the configuration or the
-    user's code. A measurement's ``costs`` feed the tuner's model of the pipeline; a probe that
-    leaves them out gets a search that learns from rates alone.
+    :class:`~autoload.MemoryCapExceeded` for a crossed cap and :class:`~autoload.TrialTimeout`
+    for a deadline (both :class:`~autoload.TrialFault`: the study records them and goes on);
+    another :class:`~autoload.AutoloadError` ends the study; any other exception is treated as
+    a fault of the configuration or the user's code. A measurement's ``costs`` feed the tuner's
+    model of the pipeline; a probe that leaves them out gets a search that learns from rates
+    alone.
     """
 
     @abstractmethod
@@ -307,7 +308,7 @@ class TrainingProbe(Probe):
         """:meth:`_run`, with the errors a crossed cap or a bad collate cause made plain."""
         try:
             return self._run(config, window, dog, alarm)
-        except (MemoryCapExceeded, AutoloadError, TrialTimeout):
+        except AutoloadError:  # a crossed cap, a deadline, a bad data set: already plain
             raise
         except Exception as exc:
             if dog.exceeded.is_set():  # the watchdog killed the workers
@@ -319,10 +320,9 @@ class TrainingProbe(Probe):
         if "collate_fn" in self.loader_options or "batch_sampler" in self.loader_options:
             return
         if any(hint in str(exc) for hint in _COLLATE_HINTS):
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise DatasetError(
-                f"the default collate cannot batch these items ({first}); pass a collate_fn in "
-                "loader_options that pads or packs them."
+                f"the default collate cannot batch these items ({summary(exc)}); pass a "
+                "collate_fn in loader_options that pads or packs them."
             ) from exc
 
     def _loader(self, config: LoaderConfig, window: Window) -> tuple[DataLoader[Any], Shape]:

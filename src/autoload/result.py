@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from autoload.config import AmpDtype, LoaderConfig
-from autoload.errors import ResultFileError
+from autoload.errors import ResultFileError, summary
 from autoload.timing import Costs
 
 __all__ = [
@@ -481,7 +481,7 @@ class TuneResult:
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ResultFileError(
-                f"not an autoload result ({type(exc).__name__}: {exc}); write one with "
+                f"not an autoload result ({summary(exc)}); write one with "
                 "`autoload tune ... --json PATH` or TuneResult.save()."
             ) from exc
 

@@ -13,10 +13,16 @@ import optuna
 from autoload.budget import FINAL_SHARE_MAX, MARGIN, Budget
 from autoload.config import LoaderConfig
 from autoload.cpuload import BUSY
-from autoload.errors import AutoloadError, TuningFailedError
-from autoload.memory import MemoryCapExceeded, is_oom
+from autoload.errors import (
+    AutoloadError,
+    MemoryCapExceeded,
+    TrialFault,
+    TuningFailedError,
+    summary,
+)
+from autoload.memory import is_oom
 from autoload.noise import Noise
-from autoload.probe import Measurement, Probe, TrialTimeout, Window
+from autoload.probe import Measurement, Probe, Window
 from autoload.result import (
     ProgressCallback,
     ProgressEvent,
@@ -26,7 +32,7 @@ from autoload.result import (
 )
 from autoload.space import SearchSpace, SpaceOptions
 
-__all__ = ["SearchState", "WorkerReach", "describe_error", "fault_reason", "no_feasible_error"]
+__all__ = ["SearchState", "WorkerReach", "fault_reason", "no_feasible_error"]
 
 FINAL_WINDOW = 1.5  # final windows are this much longer than the search's
 _OVERHEAD_GUESS = 0.3  # seconds a probe spends outside its window, until one is measured
@@ -44,29 +50,14 @@ MIN_SEARCH_TRIALS = 20
 PILOT_RUNS = 3  # windows of PyTorch's defaults measured before the study
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line naming the exception; for a worker's error, its original last line."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    name = type(exc).__name__
-    if not lines:
-        return name
-    if "DataLoader worker" in lines[0] and ("exited unexpectedly" in lines[0]
-                                            or "killed by signal" in lines[0]):
-        return f"worker died: {lines[0]}"
-    last = lines[-1]
-    if "in DataLoader worker process" in lines[0]:  # torch's re-raise: the original is last
-        return last
-    return last if last.startswith(name) else f"{name}: {last}"
-
-
 def fault_reason(exc: BaseException) -> str:
     """Why a measurement faulted, in one line: a crossed cap, a GPU out of memory, a deadline
     (the probe says what hung), or the error itself."""
-    if isinstance(exc, (MemoryCapExceeded, TrialTimeout)):
+    if isinstance(exc, TrialFault):
         return str(exc)
     if is_oom(exc):
         return "CUDA out of memory"
-    return describe_error(exc)
+    return summary(exc)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,9 +129,9 @@ class SearchState:
         )
         try:
             m = self.probe.measure(config, window)
-        except AutoloadError:
-            raise
         except Exception as exc:
+            if isinstance(exc, AutoloadError) and not isinstance(exc, TrialFault):
+                raise
             record = self._fault(config, number, exc)
         else:
             record = self._record(number, config, m)

@@ -1,4 +1,9 @@
-"""The Optuna study: baselines first, the objective, constraints, finalists re-measured."""
+"""``tune()`` and ``best_loader()``: the user's arguments checked and resolved, then wired up.
+
+The search space, the cache, the probe (alone, or as one rank of a torchrun job) and the Optuna
+study: its sampler is the planner (:mod:`autoload.plan`), its state the search's
+(:mod:`autoload.search`), and its end the final re-measure (:mod:`autoload.final`).
+"""
 
 from __future__ import annotations
 
@@ -30,15 +35,15 @@ from autoload.distributed import (
     terminate_as_interrupt,
     world_note,
 )
-from autoload.errors import ConfigError, DatasetError
+from autoload.errors import ConfigError, DatasetError, format_size, summary
 from autoload.final import finish
 from autoload.loader import DataLoader
-from autoload.memory import ProcessTreeMemory, default_memory_cap, format_size, parse_size
+from autoload.memory import ProcessTreeMemory, default_memory_cap, parse_size
 from autoload.pipeline import PipelineModel
 from autoload.plan import PlannedSampler, Planner
 from autoload.probe import LossFn, Probe, StepFn, TrainingProbe, Window
 from autoload.result import Framework, ProgressCallback, TuneResult
-from autoload.search import SearchState, WorkerReach, describe_error, no_feasible_error
+from autoload.search import SearchState, WorkerReach, no_feasible_error
 from autoload.sources import (
     Source,
     is_transformers_model,
@@ -137,7 +142,7 @@ def tune(
     amp: AmpChoice = "auto",
     sharded: bool = False,
     keep_batch_size: bool = False,
-    cache: bool = True,
+    cache: bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     storage: str | None = None,
     study_name: str | None = None,
@@ -192,7 +197,8 @@ def tune(
         keep_batch_size: Tune everything else at the batch size of the user's DataLoader.
         cache: Return a remembered result for the same machine, data, model and options at
             once (``result.cached`` says where from), and remember this one; see
-            :mod:`autoload.cache`. Off with a ``probe`` of the caller's.
+            :mod:`autoload.cache`. ``None``: on, unless a ``probe`` of the caller's measures
+            (its rates are not this machine's loader's); ``True``: on even then.
         cache_dir: The folder results are remembered in; default ``$AUTOLOAD_CACHE_DIR``, else
             the platform's cache folder. A folder the nodes of a cluster share lets the nodes
             of one kind tune once.
@@ -249,7 +255,7 @@ def tune(
     notes += _space_notes(space, cuda=cuda, has_model=model is not None, amp=amp)
     channel = None if world is None else Channel(world)
     parts = None
-    if cache and probe is None:  # a probe of the caller's own measures something else
+    if cache or (cache is None and probe is None):  # a caller's probe measures another thing
         parts = _fingerprint(given, model=model, loss_fn=loss_fn, world=world, bounds={
             **options.to_dict(), "sharded": sharded, "keep_batch_size": keep_batch_size,
             "memory_cap": memory_cap, "gpu_memory_cap": gpu_memory_cap})
@@ -344,7 +350,7 @@ def _lead(space: SearchSpace, probe: Probe, **search: Any) -> TuneResult:
             return _search(space, probe, **search)
         except BaseException as exc:
             if isinstance(probe, DistributedProbe):
-                probe.finish(None, describe_error(exc))
+                probe.finish(None, summary(exc))
             raise
 
 
