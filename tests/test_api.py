@@ -4,9 +4,10 @@ import autoload
 
 PUBLIC = {
     "AmpDtype", "AutoloadError", "ConfigError", "Costs", "DataLoader", "DatasetError",
-    "FinalistRecord", "LoaderConfig", "Measurement", "Probe", "ProgressEvent",
-    "ResultFileError", "SearchSpace", "SpecError", "TrainingProbe", "TrialRecord",
-    "TuneResult", "TuningFailedError", "Window", "best_loader", "build_space", "tune",
+    "FinalistRecord", "LoaderConfig", "Measurement", "OnlineOptions", "Probe", "ProgressEvent",
+    "ResultFileError", "SearchSpace", "Setting", "SpecError", "TrainingProbe", "TrialRecord",
+    "TuneResult", "Tuning", "TuningFailedError", "Window", "WorkerError", "best_loader",
+    "build_space", "tune",
 }
 
 
@@ -17,5 +18,5 @@ def test_all_lists_the_public_names_and_each_exists():
 
 def test_every_error_autoload_raises_on_purpose_is_an_autoload_error():
     for name in ("ConfigError", "DatasetError", "ResultFileError", "SpecError",
-                 "TuningFailedError"):
+                 "TuningFailedError", "WorkerError"):
         assert issubclass(getattr(autoload, name), autoload.AutoloadError)

@@ -8,10 +8,12 @@ from autoload.errors import (
     ResultFileError,
     SpecError,
     TuningFailedError,
+    WorkerError,
 )
 from autoload.loader import DataLoader
 from autoload.probe import Probe, TrainingProbe
 from autoload.result import FinalistRecord, Measurement, ProgressEvent, TrialRecord, TuneResult
+from autoload.settle import OnlineOptions, Setting, Tuning
 from autoload.space import SearchSpace, build_space
 from autoload.timing import Costs, Window
 from autoload.tuner import best_loader, tune
@@ -28,16 +30,20 @@ __all__ = [
     "FinalistRecord",
     "LoaderConfig",
     "Measurement",
+    "OnlineOptions",
     "Probe",
     "ProgressEvent",
     "ResultFileError",
     "SearchSpace",
+    "Setting",
     "SpecError",
     "TrainingProbe",
     "TrialRecord",
     "TuneResult",
+    "Tuning",
     "TuningFailedError",
     "Window",
+    "WorkerError",
     "best_loader",
     "build_space",
     "tune",

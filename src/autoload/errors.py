@@ -8,7 +8,8 @@ one type. The CLI turns each into one line and a non-zero exit.
     ├── ConfigError        an argument or option that breaks a rule
     ├── DatasetError       a data set autoload cannot batch or size
     ├── ResultFileError    a result JSON that cannot be read
-    └── TuningFailedError  no configuration could be measured
+    ├── TuningFailedError  no configuration could be measured
+    └── WorkerError        a worker of a tuning loader (num_workers="auto") died or hung
 
 Exceptions raised by the user's own code (an ImportError inside their module, an error in
 ``__getitem__`` that every trial hits) keep their own type: autoload re-raises them, or chains
@@ -24,6 +25,7 @@ __all__ = [
     "ResultFileError",
     "SpecError",
     "TuningFailedError",
+    "WorkerError",
 ]
 
 
@@ -49,3 +51,8 @@ class ResultFileError(AutoloadError):
 
 class TuningFailedError(AutoloadError):
     """No configuration could be measured; ``__cause__`` holds the user's exception, if one."""
+
+
+class WorkerError(AutoloadError):
+    """A worker process of an ``autoload.DataLoader(num_workers="auto")`` died, or its pool
+    stopped sending batches while the loader switched settings; no worker is left running."""

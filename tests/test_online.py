@@ -1,0 +1,366 @@
+"""autoload.DataLoader(num_workers="auto"): tuning while the loop trains, serving exactly the
+batches torch's loader serves, in its order, across every switch of workers."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from torch.utils.data import (
+    BatchSampler,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    SequentialSampler,
+    TensorDataset,
+)
+
+import autoload
+from autoload.cli import main
+from autoload.memory import ProcessTreeMemory
+from autoload.settle import (
+    Climb,
+    OnlineOptions,
+    Schedule,
+    Setting,
+    Space,
+    Tuner,
+)
+
+from conftest import FakeClock, worker_processes
+
+W0, W2, W8 = Setting(0), Setting(2, 2), Setting(8, 2)
+# Windows of exactly four batches: a schedule of five settings switches within a few dozen.
+FAST = dict(min_batches=4, max_batches=4, min_seconds=0.0)
+TWO = dict(FAST, cpus=2)
+
+
+def schedule(*settings: Setting, **knobs) -> OnlineOptions:
+    return OnlineOptions(planner=Schedule(settings), **{**TWO, **knobs})
+
+
+def auto_loader(data, options: OnlineOptions, **kwargs) -> autoload.DataLoader:
+    kwargs.setdefault("cache", False)
+    return autoload.DataLoader(data, num_workers="auto", online=options, **kwargs)
+
+
+def epoch(loader) -> tuple[list[list[int]], set[str]]:
+    """The batches of one epoch (as lists of indices) and the settings that served them."""
+    batches, served = [], set()
+    for batch in loader:
+        batches.append(batch[0].tolist())
+        served.add(loader.tuning.serving.label())
+    return batches, served
+
+
+class Indexed(Dataset):
+    """Item i is i; a worker ends its process (``die``) or hangs (``hang``) on one index."""
+
+    def __init__(self, n: int, die: int | None = None, hang: int | None = None) -> None:
+        self.n, self.die, self.hang = n, die, hang
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        in_worker = torch.utils.data.get_worker_info() is not None
+        if in_worker and i == self.die:
+            os._exit(3)
+        if in_worker and i == self.hang:
+            time.sleep(600)
+        return torch.tensor(i), torch.tensor(in_worker)
+
+
+# -- exactly once, in torch's order --------------------------------------------------------------
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_epoch_serves_torchs_batches_in_torchs_order_across_switches(shuffle):
+    data = TensorDataset(torch.arange(120))
+    # 0 -> 2 -> 8 workers and back: windows of 4 batches (and warm-ups) spread the switches
+    # over the first epochs of 30 batches, some of them across an epoch's end.
+    options = schedule(W0, W2, W8, W2, W0)
+    ours = auto_loader(data, options, batch_size=4, shuffle=shuffle,
+                       generator=torch.Generator().manual_seed(5))
+    torchs = torch.utils.data.DataLoader(data, batch_size=4, shuffle=shuffle, num_workers=2,
+                                         generator=torch.Generator().manual_seed(5))
+    assert len(ours) == len(torchs) == 30
+    served = set()
+    for _ in range(3):
+        batches, by = epoch(ours)
+        served |= by
+        assert batches == [b[0].tolist() for b in torchs]
+        assert sorted(i for b in batches for i in b) == list(range(120))
+    assert served == {"w=0", "w=2 pf=2", "w=8 pf=2"}  # the switches did happen
+    assert [w.setting for w in ours.tuning.windows] == [W0, W2, W8, W2, W0]
+    assert ours.tuning.state == "settled"
+
+
+def test_two_epochs_with_the_global_seed_draw_what_torch_draws():
+    data = TensorDataset(torch.arange(90))
+    ours = auto_loader(data, schedule(W2, W0, W2), batch_size=3, shuffle=True, drop_last=True)
+    torchs = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True, drop_last=True)
+    torch.manual_seed(11)
+    mine = [epoch(ours)[0] for _ in range(2)]
+    after_mine = torch.rand(3)
+    torch.manual_seed(11)
+    theirs = [[b[0].tolist() for b in torchs] for _ in range(2)]
+    assert mine == theirs and mine[0] != mine[1]
+    assert torch.equal(after_mine, torch.rand(3))  # the global generator drew the same
+
+
+def test_a_distributed_samplers_shard_with_set_epoch():
+    data = TensorDataset(torch.arange(101))
+    shard = DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3)
+    same = DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3)
+    ours = auto_loader(data, schedule(W0, W2, W0), batch_size=2, sampler=shard)
+    torchs = torch.utils.data.DataLoader(data, batch_size=2, sampler=same)
+    seen = []
+    for e in range(3):
+        shard.set_epoch(e)
+        same.set_epoch(e)
+        batches = epoch(ours)[0]
+        assert batches == [b[0].tolist() for b in torchs]
+        seen.append(batches)
+    assert seen[0] != seen[1]  # set_epoch reshuffled
+
+
+_MARK = -1  # what __getitem__ of Marked returns: set in each worker by its init function
+
+
+class Marked(Dataset):
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int):
+        return i, _MARK
+
+
+def _mark_worker(worker_id: int) -> None:
+    global _MARK
+    _MARK = 1000 + worker_id
+
+
+def _collate(items):
+    return {"i": [i for i, _ in items], "mark": {m for _, m in items}}
+
+
+def test_collate_fn_worker_init_fn_and_a_batch_sampler_of_ones_own_are_honoured():
+    data = Marked()
+    sampler = BatchSampler(SequentialSampler(data), batch_size=3, drop_last=True)
+    ours = auto_loader(data, schedule(W0, W2), batch_sampler=sampler, collate_fn=_collate,
+                       worker_init_fn=_mark_worker)
+    assert len(ours) == 13
+    batches, marks = [], set()
+    for _ in range(2):
+        for batch in ours:
+            batches.append(batch["i"])
+            in_worker = ours.tuning.serving.num_workers > 0
+            assert batch["mark"] <= ({1000, 1001} if in_worker else {-1})
+            marks |= batch["mark"]
+    assert batches == 2 * [list(range(i, i + 3)) for i in range(0, 39, 3)]
+    assert marks == {-1, 1000, 1001}  # both settings served, each worker initialised
+
+
+# -- what is tuned, and when it settles ---------------------------------------------------------
+
+def test_ties_go_to_fewer_workers_on_a_fake_clock():
+    clock = FakeClock()
+    data = TensorDataset(torch.arange(64))
+    ours = auto_loader(data, OnlineOptions(clock=clock, **TWO), batch_size=1)
+    assert ours.tuning.setting == W2  # the recipe: as many workers as CPUs
+    for _ in range(4):
+        for _ in ours:
+            clock.now += 0.01  # every setting: the same step, no wait
+    tuning = ours.tuning
+    assert tuning.state == "settled" and tuning.settled == W0
+    assert [w.setting for w in tuning.windows] == [W2, Setting(1, 2), W0]
+    assert tuning.batches_to_settle <= tuning.bound
+
+
+def _feed(tuner: Tuner, rates: dict[int, tuple[float, float]], batches: int) -> None:
+    """Batches served by whatever the tuner targets: (seconds per batch, waited share)."""
+    for _ in range(batches):
+        setting = tuner.target
+        cycle, share = rates[setting.num_workers]
+        tuner.served(setting, wait=cycle * share, cycle=cycle)
+
+
+def test_a_gain_beyond_the_noise_buys_more_workers_and_a_tie_does_not():
+    space = Space.build(cpus=2, num_workers="auto", prefetch_factor=2, pin_memory=False,
+                        cuda=False)
+    options = OnlineOptions(**TWO)
+    tuner = Tuner(start=space.recipe(2), planner=Climb(space), space=space, options=options)
+    # Waiting on data at 2 workers; 4 is 30% faster; 8 no faster than 4.
+    rates = {0: (0.05, 0.9), 1: (0.04, 0.6), 2: (0.02, 0.5), 4: (0.0154, 0.1), 8: (0.0153, 0.1)}
+    _feed(tuner, rates, 200)
+    assert tuner.state == "settled" and tuner.settled == Setting(4, 2)
+    assert [m.setting.num_workers for m in tuner.history] == [2, 4, 8]
+
+
+def test_a_settled_loader_tunes_again_after_epochs_that_slow_down_waiting_on_data():
+    space = Space.build(cpus=2, num_workers="auto", prefetch_factor=2, pin_memory=False,
+                        cuda=False)
+    tuner = Tuner(start=W2, planner=Schedule([W2]), space=space, options=OnlineOptions(**TWO))
+    steady = {2: (0.02, 0.0)}
+    for rates in (steady, steady, steady, {2: (0.03, 0.4)}):
+        tuner.epoch_begin()
+        _feed(tuner, rates, 50)
+        tuner.epoch_end()
+    assert tuner.state == "settled" and tuner.retunes == 0  # one slow epoch is not enough
+    tuner.epoch_begin()
+    _feed(tuner, {2: (0.03, 0.4)}, 50)
+    tuner.epoch_end()
+    assert tuner.retunes == 1 and tuner.state == "tuning"
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+def test_a_worker_that_dies_mid_switch_raises_one_line_and_leaves_no_worker():
+    # Windows of 4 after a warm-up of 2 at w=0: batch 7 (indices 24-26) is the new pool's first.
+    ours = auto_loader(Indexed(90, die=25), schedule(W0, W2), batch_size=4)
+    with pytest.raises(autoload.WorkerError) as caught:
+        for _ in ours:
+            pass
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "died" in message and "exit code 3" in message
+    assert "switched from w=0 to w=2 pf=2" in message and "num_workers=0" in message
+    assert isinstance(caught.value, autoload.AutoloadError)
+    assert not worker_processes()
+
+
+def test_a_worker_that_hangs_mid_switch_raises_and_leaves_no_worker():
+    ours = auto_loader(Indexed(90, hang=33), schedule(W2, W8, hang_seconds=1.0), batch_size=4)
+    with pytest.raises(autoload.WorkerError, match="hung"):
+        for _ in ours:
+            pass
+    assert not worker_processes()
+
+
+def test_ctrl_c_in_the_loop_mid_switch_propagates_and_leaves_no_worker():
+    ours = auto_loader(TensorDataset(torch.arange(200)), schedule(W2, W8), batch_size=2)
+    switched = False
+    with pytest.raises(KeyboardInterrupt) as caught:
+        for _ in ours:
+            tuning = ours.tuning
+            if tuning.serving != tuning.setting:  # the old pool drains, the new one starts
+                switched = True
+                raise KeyboardInterrupt
+    assert switched
+    assert not worker_processes()
+    assert caught.traceback  # ... while the traceback (and its frames) still live
+
+
+class _InterruptAt(BatchSampler):
+    """A batch sampler that is interrupted (Ctrl-C) when it is asked for batch ``at``."""
+
+    def __init__(self, data, at: int) -> None:
+        super().__init__(SequentialSampler(data), batch_size=2, drop_last=False)
+        self.at = at
+
+    def __iter__(self):
+        for i, batch in enumerate(super().__iter__()):
+            if i == self.at:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_ctrl_c_inside_next_while_the_new_pool_starts_leaves_no_worker():
+    data = TensorDataset(torch.arange(200))
+    # w=2 serves its warm-up (4) and window (4): the 8-worker pool's prefetch reaches batch 12.
+    ours = auto_loader(data, schedule(W2, W8), batch_sampler=_InterruptAt(data, at=12))
+    with pytest.raises(KeyboardInterrupt) as caught:
+        for _ in ours:
+            pass
+    assert ours.tuning.setting == W8
+    assert not worker_processes()
+    assert caught.traceback  # ... while the traceback (and its frames) still live
+
+
+def test_an_epoch_left_early_stops_its_workers():
+    ours = auto_loader(TensorDataset(torch.arange(100)), schedule(W2), batch_size=2)
+    for i, _ in enumerate(ours):
+        if i == 3:
+            break
+    assert not worker_processes()
+    assert len(epoch(ours)[0]) == 50  # the next epoch starts them again, whole
+
+
+_held: list[np.ndarray] = []
+
+
+def _greedy_worker(worker_id: int) -> None:
+    """A worker that holds 150 MB, then takes a second to start: the watchdog (four looks a
+    second) sees it before its first batch."""
+    _held.append(np.ones(150 << 20, dtype=np.uint8))
+    time.sleep(1.0)
+
+
+def test_a_setting_that_crosses_the_memory_cap_is_dropped_and_the_epoch_goes_on():
+    cap = ProcessTreeMemory().sample() + (100 << 20)
+    # One CPU: the recipe is one worker, and the climb's next rung down is none.
+    ours = autoload.DataLoader(TensorDataset(torch.arange(120)), batch_size=2,
+                               num_workers="auto", worker_init_fn=_greedy_worker,
+                               memory_cap=cap, cache=False, online=OnlineOptions(**FAST, cpus=1))
+    served = [b[0].tolist() for b in ours]
+    assert served == [[i, i + 1] for i in range(0, 120, 2)]  # nothing lost, nothing twice
+    tuning = ours.tuning
+    assert tuning.dropped == (Setting(1, 2),)
+    assert tuning.state == "settled" and tuning.settled == W0
+    assert not worker_processes()
+
+
+# -- the cache and the rules ---------------------------------------------------------------------
+
+def test_the_settled_answer_is_remembered_and_the_next_run_starts_there(tmp_path):
+    data = TensorDataset(torch.arange(64))
+    first = autoload.DataLoader(data, batch_size=4, num_workers="auto", cache_dir=tmp_path,
+                                online=schedule(Setting(1, 4)))
+    epoch(first)
+    assert first.tuning.settled == Setting(1, 4)
+    assert first.tuning.stored is not None and os.path.isfile(first.tuning.stored)
+    again = autoload.DataLoader(data, batch_size=4, num_workers="auto", cache_dir=tmp_path,
+                                online=OnlineOptions(**TWO))
+    assert again.tuning.cached == first.tuning.stored
+    assert again.tuning.setting == Setting(1, 4)  # it starts there, and checks
+    other = autoload.DataLoader(data, batch_size=8, num_workers="auto", cache_dir=tmp_path,
+                                online=OnlineOptions(**TWO))
+    assert other.tuning.cached is None and other.tuning.setting == W2
+    off = autoload.DataLoader(data, batch_size=4, num_workers="auto", cache=False,
+                              online=OnlineOptions(**TWO))
+    assert off.tuning.cached is None and off.tuning.setting == W2
+    out = io.StringIO()
+    console = Console(file=out, width=120, color_system=None)
+    assert main(["cache", "list", "--cache-dir", str(tmp_path)], console=console) == 0
+    assert "w=1 pf=4 (online)" in out.getvalue()
+    entry = os.path.basename(first.tuning.stored)[:12]
+    assert main(["show", entry, "--cache-dir", str(tmp_path)], console=console) == 2
+    assert "settled on while training" in out.getvalue()
+
+
+def test_fixed_settings_are_torchs_loader_as_before():
+    data = TensorDataset(torch.arange(10))
+    fixed = autoload.DataLoader(data, 4, False, None, None, 0)
+    assert fixed.tuning is None and fixed.num_workers == 0
+    assert type(iter(fixed)).__name__ == "_SingleProcessDataLoaderIter"
+    with pytest.raises(autoload.ConfigError, match="nothing is tuned"):
+        autoload.DataLoader(data, num_workers=2, memory_cap="1GiB")
+
+
+def test_what_auto_cannot_keep_is_refused():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(range(3))
+
+    with pytest.raises(autoload.ConfigError, match="IterableDataset"):
+        autoload.DataLoader(Stream(), num_workers="auto")
+    with pytest.raises(autoload.ConfigError, match="in_order"):
+        autoload.DataLoader(TensorDataset(torch.arange(4)), num_workers="auto", in_order=False)
+    with pytest.raises(autoload.ConfigError, match="prefetch_factor"):
+        autoload.DataLoader(TensorDataset(torch.arange(4)), num_workers="auto",
+                            prefetch_factor=0)
