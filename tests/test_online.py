@@ -25,6 +25,7 @@ from autoload.cli import main
 from autoload.memory import ProcessTreeMemory
 from autoload.settle import (
     Climb,
+    Measured,
     OnlineOptions,
     Schedule,
     Setting,
@@ -168,18 +169,48 @@ def test_collate_fn_worker_init_fn_and_a_batch_sampler_of_ones_own_are_honoured(
 
 # -- what is tuned, and when it settles ---------------------------------------------------------
 
-def test_ties_go_to_fewer_workers_on_a_fake_clock():
+@pytest.mark.parametrize("edge, picked", [(0.0, W0), (0.01, W0), (0.10, W2)])
+def test_ties_go_to_fewer_workers_on_a_fake_clock(edge, picked):
     clock = FakeClock()
-    data = TensorDataset(torch.arange(64))
-    ours = auto_loader(data, OnlineOptions(clock=clock, **TWO), batch_size=1)
-    assert ours.tuning.setting == W2  # the recipe: as many workers as CPUs
-    for _ in range(4):
+    ours = auto_loader(TensorDataset(torch.arange(64)), schedule(W2, Setting(1, 2), W0,
+                                                                  clock=clock), batch_size=1)
+    for _ in range(3):
         for _ in ours:
-            clock.now += 0.01  # every setting: the same step, no wait
+            # Each batch's step, the same whatever serves it; two workers `edge` faster.
+            clock.now += 0.01 / (1 + edge) if ours.tuning.serving == W2 else 0.01
+    assert [w.setting for w in ours.tuning.windows] == [W2, Setting(1, 2), W0]
+    assert ours.tuning.state == "settled" and ours.tuning.settled == picked
+
+
+def test_a_loop_that_never_waits_on_loading_never_starts_a_worker():
+    clock = FakeClock()
+    ours = auto_loader(TensorDataset(torch.arange(64)), OnlineOptions(clock=clock, **TWO),
+                       batch_size=1)
+    served = set()
+    for _ in range(2):
+        for _ in ours:
+            clock.now += 0.01  # the step; loading takes no time on this clock
+            served.add(ours.tuning.serving)
     tuning = ours.tuning
-    assert tuning.state == "settled" and tuning.settled == W0
-    assert [w.setting for w in tuning.windows] == [W2, Setting(1, 2), W0]
+    assert served == {W0}
+    assert tuning.settled == W0 and [w.setting for w in tuning.windows] == [W0]
     assert tuning.batches_to_settle <= tuning.bound
+
+
+def test_loading_that_computes_jumps_to_the_cpus_and_loading_that_waits_past_them():
+    space = Space.build(cpus=2, num_workers="auto", prefetch_factor="auto", pin_memory=False,
+                        cuda=False)
+    plan = Climb(space, cpus=2)
+
+    def alone(waited_cpu: float) -> Measured:
+        # 8 ms loading and 2 ms of step a batch: four workers would keep up, five with room.
+        return Measured(setting=W0, batches=10, seconds=0.1, waited=0.08,
+                        waited_cpu=waited_cpu, noise=0.01)
+
+    assert plan.propose(W0, [alone(0.075)]) == W2  # computing: no more workers than CPUs
+    assert plan.propose(W0, [alone(0.001)]) == W8  # waiting: up to 4x the CPUs
+    cheap = Measured(setting=W0, batches=10, seconds=0.1, waited=0.004, noise=0.01)
+    assert plan.propose(W0, [cheap]) is None  # 0.4 ms of loading: no worker can pay
 
 
 def _feed(tuner: Tuner, rates: dict[int, tuple[float, float]], batches: int) -> None:
@@ -194,7 +225,8 @@ def test_a_gain_beyond_the_noise_buys_more_workers_and_a_tie_does_not():
     space = Space.build(cpus=2, num_workers="auto", prefetch_factor=2, pin_memory=False,
                         cuda=False)
     options = OnlineOptions(**TWO)
-    tuner = Tuner(start=space.recipe(2), planner=Climb(space), space=space, options=options)
+    tuner = Tuner(start=space.recipe(2), planner=Climb(space, cpus=2), space=space,
+                  options=options)
     # Waiting on data at 2 workers; 4 is 30% faster; 8 no faster than 4.
     rates = {0: (0.05, 0.9), 1: (0.04, 0.6), 2: (0.02, 0.5), 4: (0.0154, 0.1), 8: (0.0153, 0.1)}
     _feed(tuner, rates, 200)
@@ -301,16 +333,27 @@ def _greedy_worker(worker_id: int) -> None:
     time.sleep(1.0)
 
 
+class Slow(Dataset):
+    """Items that wait 2 ms (a read): loading four workers would hide."""
+
+    def __len__(self) -> int:
+        return 120
+
+    def __getitem__(self, i: int):
+        time.sleep(0.002)
+        return torch.tensor(i)
+
+
 def test_a_setting_that_crosses_the_memory_cap_is_dropped_and_the_epoch_goes_on():
     cap = ProcessTreeMemory().sample() + (100 << 20)
-    # One CPU: the recipe is one worker, and the climb's next rung down is none.
-    ours = autoload.DataLoader(TensorDataset(torch.arange(120)), batch_size=2,
-                               num_workers="auto", worker_init_fn=_greedy_worker,
-                               memory_cap=cap, cache=False, online=OnlineOptions(**FAST, cpus=1))
-    served = [b[0].tolist() for b in ours]
+    # One CPU: the climb jumps to 4 workers, and walks down the ladder as each crosses the cap.
+    ours = autoload.DataLoader(Slow(), batch_size=2, num_workers="auto",
+                               worker_init_fn=_greedy_worker, memory_cap=cap, cache=False,
+                               online=OnlineOptions(**FAST, cpus=1))
+    served = [b.tolist() for b in ours]
     assert served == [[i, i + 1] for i in range(0, 120, 2)]  # nothing lost, nothing twice
     tuning = ours.tuning
-    assert tuning.dropped == (Setting(1, 2),)
+    assert tuning.dropped == (Setting(4, 2), W2, Setting(1, 2))
     assert tuning.state == "settled" and tuning.settled == W0
     assert not worker_processes()
 
@@ -330,10 +373,10 @@ def test_the_settled_answer_is_remembered_and_the_next_run_starts_there(tmp_path
     assert again.tuning.setting == Setting(1, 4)  # it starts there, and checks
     other = autoload.DataLoader(data, batch_size=8, num_workers="auto", cache_dir=tmp_path,
                                 online=OnlineOptions(**TWO))
-    assert other.tuning.cached is None and other.tuning.setting == W2
+    assert other.tuning.cached is None and other.tuning.setting == W0
     off = autoload.DataLoader(data, batch_size=4, num_workers="auto", cache=False,
                               online=OnlineOptions(**TWO))
-    assert off.tuning.cached is None and off.tuning.setting == W2
+    assert off.tuning.cached is None and off.tuning.setting == W0
     out = io.StringIO()
     console = Console(file=out, width=120, color_system=None)
     assert main(["cache", "list", "--cache-dir", str(tmp_path)], console=console) == 0

@@ -310,7 +310,7 @@ class OnlineLoader:
         space = Space.build(cpus=cpus, num_workers=user.num_workers,  # type: ignore[arg-type]
                             prefetch_factor=user.prefetch_factor,  # type: ignore[arg-type]
                             pin_memory=user.pin_memory, cuda=cuda)  # type: ignore[arg-type]
-        start = space.recipe(cpus)
+        start = space.start(cpus)
         if self._cache:
             self._parts = cache.fingerprint(
                 dataset=self.dataset, model=None, step=None, loss_fn=None, optimizer=None,
@@ -323,7 +323,7 @@ class OnlineLoader:
                 start = remembered
         self._cap = (default_memory_cap(share) if self._memory_cap is None
                      else parse_size(self._memory_cap) // share)
-        planner = self.options.planner or Climb(space)
+        planner = self.options.planner or Climb(space, cpus=cpus)
         self._tuner = Tuner(start=start, planner=planner, space=space, options=self.options,
                             on_settle=_weakly(self._settled))
         return self._tuner
@@ -584,7 +584,8 @@ class _Epoch:
     def __init__(self, run: OnlineLoader, token: object) -> None:
         self._run, self._token = run, token
         self._begun = self._ended = False
-        self._last: tuple[Setting, float, float] | None = None  # serving, wait, asked at
+        # The last batch: what served it, the wait for it (and its CPU time), when it was asked.
+        self._last: tuple[Setting, float, float, float] | None = None
 
     def __iter__(self) -> _Epoch:
         return self
@@ -604,10 +605,11 @@ class _Epoch:
             )
         tuner = run._ensure()
         if self._last is not None:
-            serving, wait, asked = self._last
-            tuner.served(serving, wait=wait, cycle=now - asked)
+            serving, wait, cpu, asked = self._last
+            tuner.served(serving, wait=wait, cycle=now - asked, wait_cpu=cpu)
             self._last = None
         first, self._begun = not self._begun, True
+        cpu = time.thread_time()
         try:
             batch = run.next(first=first)
         except StopIteration:
@@ -616,7 +618,7 @@ class _Epoch:
             raise
         served = run.serving()
         assert served is not None
-        self._last = (served, run.clock() - now, now)
+        self._last = (served, run.clock() - now, time.thread_time() - cpu, now)
         return batch
 
     def close(self) -> None:

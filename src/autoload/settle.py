@@ -17,13 +17,15 @@ error).
 cheapest setting (fewest workers, then the lowest prefetch, then unpinned) that the fastest
 one does not beat: ties go to fewer workers.
 
-**The default planner** (:class:`Climb`) starts where it is told (a remembered answer, else
-the common recipe: as many workers as CPUs, prefetch 2) and walks the ladder of worker counts:
-up while each step beats the best so far, when the loop waited on data for more than
-``WAIT_SHARE`` of its time; down while each step ties, when it did not (or when the first step
-up gained nothing). Then prefetch factors above 2 (only if the loop still waits), then
-``pin_memory`` (only where it is tuned). Each setting is measured once, so a tuning takes at most
-:attr:`Planner.limit` windows, and :func:`settle_bound` batches.
+**The default planner** (:class:`Climb`) starts where it is told: a remembered answer, else no
+workers (nothing to start; the window says what loading costs in the training process and how
+much of it is computing). Unless loading is too cheap for workers to pay, it jumps to the worker
+count that would load a batch per step, then walks the ladder of worker counts: up while each
+step beats the best so far, when the loop waited on data for more than ``WAIT_SHARE`` of its
+time; down while each step ties, when it did not (or when the first step up gained nothing).
+Then prefetch factors above 2 (only if the loop still waits), then ``pin_memory`` (only where
+it is tuned). Each setting is measured once, so a tuning takes at most :attr:`Planner.limit`
+windows, and :func:`settle_bound` batches.
 
 **Holding.** Once settled, the first whole epoch at the settled setting is the reference; two
 later epochs in a row slower by more than ``max(DROP, 3 x its noise)`` while the loop waited on
@@ -41,13 +43,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 __all__ = [
-    "DROP", "MIN_GAIN", "SLOW_EPOCHS", "WAIT_SHARE", "Climb", "Measured", "OnlineOptions",
-    "Planner", "Schedule", "Setting", "Space", "Tuner", "Tuning", "beats", "champion",
-    "settle_bound",
+    "DROP", "HANDOFF", "MIN_GAIN", "SLOW_EPOCHS", "WAIT_SHARE", "Climb", "Measured",
+    "OnlineOptions", "Planner", "Schedule", "Setting", "Space", "Tuner", "Tuning", "beats",
+    "champion", "settle_bound",
 ]
 
 WAIT_SHARE = 0.05  # below this share of its time waiting on data, the loop is not data-bound
 MIN_GAIN = 0.02  # the least gain that buys a costlier setting, however quiet the machine
+HANDOFF = 0.0005  # seconds: about what receiving a batch from a worker costs the loop
 DROP = 0.10  # epochs this much slower than the reference, waiting on data: tune again
 SLOW_EPOCHS = 2  # ... so many in a row (one slow epoch may be another process's burst)
 DEFAULT_PREFETCH = (2, 4, 8)
@@ -149,6 +152,13 @@ class Space:
         prefetch = min(self.prefetch, key=lambda p: (abs(p - 2), p))
         return self.setting(workers, prefetch, max(self.pin))
 
+    def start(self, cpus: int) -> Setting:
+        """Where a first tuning starts: no workers when their count is tuned (nothing to start,
+        and its window says what loading costs, see :class:`Climb`), else the recipe."""
+        recipe = self.recipe(cpus)
+        return self.setting(0, None, recipe.pin_memory) if 0 in self.workers and len(
+            self.workers) > 1 else recipe
+
     def contains(self, setting: Setting) -> bool:
         return (setting.num_workers in self.workers and setting.pin_memory in self.pin
                 and (setting.num_workers == 0 or setting.prefetch_factor in self.prefetch))
@@ -167,6 +177,8 @@ class Measured:
         batches: Batches in the window.
         seconds: Their cycles added up: each the wait in ``next()`` plus the user's step.
         waited: The part of ``seconds`` the loop spent waiting in ``next()``.
+        waited_cpu: The training thread's CPU time in ``next()``: without workers, most of
+            ``waited`` for items that compute, little for items that wait (a read, a sleep).
         noise: The relative standard error of the window's rate.
         feasible: False for a setting whose pool crossed the memory cap (its rate is void).
         at: Batches the loader had served when the window closed.
@@ -177,6 +189,7 @@ class Measured:
     seconds: float
     waited: float
     noise: float
+    waited_cpu: float = 0.0
     feasible: bool = True
     at: int = 0
 
@@ -191,8 +204,8 @@ class Measured:
 
     def to_dict(self) -> dict[str, Any]:
         return {"setting": self.setting.to_dict(), "batches": self.batches,
-                "seconds": self.seconds, "waited": self.waited, "noise": self.noise,
-                "feasible": self.feasible, "at": self.at}
+                "seconds": self.seconds, "waited": self.waited, "waited_cpu": self.waited_cpu,
+                "noise": self.noise, "feasible": self.feasible, "at": self.at}
 
 
 def _pooled(windows: Sequence[Measured]) -> Measured:
@@ -203,7 +216,8 @@ def _pooled(windows: Sequence[Measured]) -> Measured:
     noise = math.sqrt(sum(w.noise ** 2 for w in windows)) / len(windows)
     return Measured(setting=first.setting, batches=sum(w.batches for w in windows),
                     seconds=sum(w.seconds for w in windows),
-                    waited=sum(w.waited for w in windows), noise=noise,
+                    waited=sum(w.waited for w in windows),
+                    waited_cpu=sum(w.waited_cpu for w in windows), noise=noise,
                     feasible=all(w.feasible for w in windows), at=windows[-1].at)
 
 
@@ -274,11 +288,28 @@ class Schedule(Planner):
 
 
 class Climb(Planner):
-    """The default planner: a walk up or down the worker ladder from where the loader is, then
-    deeper prefetch, then pinning (see the module's doc)."""
+    """The default planner (see the module's doc).
 
-    def __init__(self, space: Space) -> None:
-        self.space = space
+    A climb that starts without workers first asks whether workers can pay at all: if the loop
+    waited less than ``WAIT_SHARE`` of its time, or less than ``HANDOFF`` seconds a batch, on
+    loading in its own process, they cannot (receiving a batch from a worker costs about that),
+    and the climb goes straight to pinning. Otherwise it jumps to the rung that would load a
+    batch per step: ``1.25 x load / step`` workers, at most the CPUs for items that computed
+    (the training thread's CPU time was most of the wait), at most the ladder's top for items
+    that waited. From there it walks.
+
+    Example:
+        >>> space = Space.build(cpus=2, num_workers="auto", prefetch_factor="auto",
+        ...                     pin_memory=False, cuda=False)
+        >>> plan = Climb(space, cpus=2)
+        >>> items_that_wait = Measured(setting=Setting(0), batches=10, seconds=1.0,
+        ...                            waited=0.8, waited_cpu=0.01, noise=0.01)
+        >>> plan.propose(Setting(0), [items_that_wait]).label()
+        'w=8 pf=2'
+    """
+
+    def __init__(self, space: Space, *, cpus: int) -> None:
+        self.space, self.cpus = space, cpus
 
     @property
     def limit(self) -> int:
@@ -291,7 +322,16 @@ class Climb(Planner):
         seen = _by_setting(measured)
         pin = start.pin_memory
         ladder = [space.setting(w, start.prefetch_factor, pin) for w in space.workers]
-        if start in ladder:
+        workers = start in ladder
+        if workers and start.num_workers == 0 and seen[start].feasible:
+            jump = self._jump(seen[start], ladder)
+            if jump is None:
+                workers = False  # loading is too cheap for workers to pay
+            elif jump not in seen:
+                return jump
+            else:
+                start = jump
+        if workers:
             if (step := self._workers(seen, ladder, ladder.index(start))) is not None:
                 return step
         best = champion(m for m in measured if m.setting in ladder) or start
@@ -306,6 +346,18 @@ class Climb(Planner):
             if flipped not in seen:
                 return flipped
         return None
+
+    def _jump(self, alone: Measured, ladder: list[Setting]) -> Setting | None:
+        """From a window without workers: the rung whose workers would load a batch per step,
+        or ``None`` when loading is too cheap for any."""
+        load = alone.waited / alone.batches
+        step = (alone.seconds - alone.waited) / alone.batches
+        if alone.wait_share <= WAIT_SHARE or load < HANDOFF:
+            return None
+        computes = alone.waited_cpu >= 0.5 * alone.waited
+        top = self.cpus if computes else ladder[-1].num_workers
+        want = max(1, min(top, math.ceil(1.25 * load / max(step, 1e-6))))
+        return next((s for s in ladder if s.num_workers >= want), ladder[-1])
 
     @staticmethod
     def _workers(seen: dict[Setting, Measured], ladder: list[Setting], i: int) -> Setting | None:
@@ -451,13 +503,15 @@ class _Blocks:
 
     def __init__(self, size: int) -> None:
         self.size, self.batches, self.seconds, self.waited = size, 0, 0.0, 0.0
+        self.waited_cpu = 0.0
         self.rates: list[float] = []
         self._n, self._s = 0, 0.0
 
-    def add(self, wait: float, cycle: float) -> None:
+    def add(self, wait: float, cycle: float, wait_cpu: float = 0.0) -> None:
         self.batches += 1
         self.seconds += cycle
         self.waited += wait
+        self.waited_cpu += wait_cpu
         self._n += 1
         self._s += cycle
         if self._n == self.size:
@@ -474,7 +528,8 @@ class _Blocks:
 
     def measured(self, setting: Setting, at: int) -> Measured:
         return Measured(setting=setting, batches=self.batches, seconds=self.seconds,
-                        waited=self.waited, noise=self.noise, at=at)
+                        waited=self.waited, waited_cpu=self.waited_cpu, noise=self.noise,
+                        at=at)
 
 
 @dataclass
@@ -517,9 +572,11 @@ class Tuner:
 
     # -- events -------------------------------------------------------------------------------
 
-    def served(self, setting: Setting, *, wait: float, cycle: float) -> None:
-        """A batch from the pool of ``setting``: the loop waited ``wait`` seconds for it, and
-        ``cycle`` seconds passed from asking for it to asking for the next."""
+    def served(self, setting: Setting, *, wait: float, cycle: float,
+               wait_cpu: float = 0.0) -> None:
+        """A batch from the pool of ``setting``: the loop waited ``wait`` seconds for it (its
+        thread computing ``wait_cpu`` of them), and ``cycle`` seconds passed from asking for it
+        to asking for the next."""
         self.batches += 1
         self._epoch.blocks.add(wait, cycle)
         if setting != self.settled:
@@ -529,7 +586,7 @@ class Tuner:
         self._served_by_target += 1
         if self._served_by_target <= warmup(setting):
             return
-        self._window.add(wait, cycle)
+        self._window.add(wait, cycle, wait_cpu)
         o, w = self.options, self._window
         if w.batches >= o.max_batches or (w.batches >= o.min_batches
                                           and w.seconds >= o.min_seconds):
