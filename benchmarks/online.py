@@ -175,6 +175,9 @@ def bench(case: Case, *, epochs: int, rounds: int, cpus: int, quick: bool) -> di
     size = batch_size(case.n)
     sides: list[tuple[int, int | None] | str] = [AUTO, *grid(cpus, quick)]
     runs: dict[str, list[dict[str, Any]]] = {label(s): [] for s in sides}
+    # Untimed: the process's first training loop pays for warming torch up (its thread pool,
+    # autograd's first backward), which would land on whichever side ran first.
+    run(case, dataset, (0, None), size, 1)
     for r in range(rounds):
         for side in interleaved(sides, r):
             result = run(case, dataset, side, size, epochs)

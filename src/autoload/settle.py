@@ -8,9 +8,10 @@ runs the worker pools and feeds it.
 **What is measured.** A window is a run of batches served by one setting's pool, after its
 warm-up (the first ``max(2, workers x prefetch)`` batches it serves: its workers' start and the
 batches they had ready, which would flatter it); it ends once it holds ``min_batches`` batches
-and ``min_seconds`` of cycles, or at ``max_batches``. Its rate is batches over the sum of their
-cycles, its noise the spread of that rate over blocks of the window (a relative standard
-error).
+and ``min_seconds`` of cycles (or sooner, once its rate varies by less than ``SURE_NOISE``
+over ``SURE_BLOCKS`` blocks: a steady pipeline needs no long look), or at ``max_batches``.
+Its rate is batches over the sum of their cycles, its noise the spread of that rate over blocks
+of the window (a relative standard error).
 
 **The tie rule.** A setting beats another when its rate is higher by more than
 ``max(MIN_GAIN, 2 x the combined standard error)``. The winner (:func:`champion`) is the
@@ -51,6 +52,7 @@ __all__ = [
 WAIT_SHARE = 0.05  # below this share of its time waiting on data, the loop is not data-bound
 MIN_GAIN = 0.02  # the least gain that buys a costlier setting, however quiet the machine
 HANDOFF = 0.0005  # seconds: about what receiving a batch from a worker costs the loop
+SURE_NOISE, SURE_BLOCKS = 0.01, 4  # a window whose rate is this sure over so many blocks ends
 DROP = 0.10  # epochs this much slower than the reference, waiting on data: tune again
 SLOW_EPOCHS = 2  # ... so many in a row (one slow epoch may be another process's burst)
 DEFAULT_PREFETCH = (2, 4, 8)
@@ -290,10 +292,10 @@ class Schedule(Planner):
 class Climb(Planner):
     """The default planner (see the module's doc).
 
-    A climb that starts without workers first asks whether workers can pay at all: if the loop
-    waited less than ``WAIT_SHARE`` of its time, or less than ``HANDOFF`` seconds a batch, on
-    loading in its own process, they cannot (receiving a batch from a worker costs about that),
-    and the climb goes straight to pinning. Otherwise it jumps to the rung that would load a
+    A climb that starts without workers first asks whether workers can pay at all: they take
+    the loading off the loop but cost a hand-off of about ``HANDOFF`` seconds a batch, so if the
+    loading less the hand-off is under ``WAIT_SHARE`` of the loop's time, they cannot, and the
+    climb goes straight to pinning. Otherwise it jumps to the rung that would load a
     batch per step: ``1.25 x load / step`` workers, at most the CPUs for items that computed
     (the training thread's CPU time was most of the wait), at most the ladder's top for items
     that waited. From there it walks.
@@ -352,8 +354,8 @@ class Climb(Planner):
         or ``None`` when loading is too cheap for any."""
         load = alone.waited / alone.batches
         step = (alone.seconds - alone.waited) / alone.batches
-        if alone.wait_share <= WAIT_SHARE or load < HANDOFF:
-            return None
+        if (load - HANDOFF) / (load + step) <= WAIT_SHARE:
+            return None  # what workers could take off the loop, less the hand-off, is too little
         computes = alone.waited_cpu >= 0.5 * alone.waited
         top = self.cpus if computes else ladder[-1].num_workers
         want = max(1, min(top, math.ceil(1.25 * load / max(step, 1e-6))))
@@ -588,8 +590,9 @@ class Tuner:
             return
         self._window.add(wait, cycle, wait_cpu)
         o, w = self.options, self._window
+        known = len(w.rates) >= SURE_BLOCKS and w.noise <= SURE_NOISE
         if w.batches >= o.max_batches or (w.batches >= o.min_batches
-                                          and w.seconds >= o.min_seconds):
+                                          and (w.seconds >= o.min_seconds or known)):
             self._record(w.measured(setting, self.batches))
             self._propose()
 
