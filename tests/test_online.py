@@ -21,6 +21,7 @@ from torch.utils.data import (
 )
 
 import autoload
+import autoload.online
 from autoload.cli import main
 from autoload.memory import ProcessTreeMemory
 from autoload.settle import (
@@ -32,6 +33,7 @@ from autoload.settle import (
     Space,
     Tuner,
 )
+from autoload.world import World
 
 from conftest import FakeClock, worker_processes
 
@@ -101,10 +103,15 @@ def test_every_epoch_serves_torchs_batches_in_torchs_order_across_switches(shuff
     assert ours.tuning.state == "settled"
 
 
-def test_two_epochs_with_the_global_seed_draw_what_torch_draws():
+@pytest.mark.parametrize("persistent", [None, True])
+def test_two_epochs_with_the_global_seed_draw_what_torch_draws(persistent):
+    # torch draws a base seed every epoch, or (persistent workers) only the first.
     data = TensorDataset(torch.arange(90))
-    ours = auto_loader(data, schedule(W2, W0, W2), batch_size=3, shuffle=True, drop_last=True)
-    torchs = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True, drop_last=True)
+    kept = {} if persistent is None else {"persistent_workers": True}
+    ours = auto_loader(data, schedule(W2, W0, W2), batch_size=3, shuffle=True, drop_last=True,
+                       **kept)
+    torchs = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True, drop_last=True,
+                                         num_workers=2 if persistent else 0, **kept)
     torch.manual_seed(11)
     mine = [epoch(ours)[0] for _ in range(2)]
     after_mine = torch.rand(3)
@@ -384,6 +391,14 @@ def test_the_settled_answer_is_remembered_and_the_next_run_starts_there(tmp_path
     entry = os.path.basename(first.tuning.stored)[:12]
     assert main(["show", entry, "--cache-dir", str(tmp_path)], console=console) == 2
     assert "settled on while training" in out.getvalue()
+
+
+def test_under_torchrun_each_rank_takes_its_share_of_the_cpus(monkeypatch):
+    four_ranks = World(rank=1, size=8, local_rank=1, local_size=4)
+    monkeypatch.setattr(autoload.online, "current_world", lambda: four_ranks)
+    monkeypatch.setattr(autoload.online, "usable_cpus", lambda: 8)
+    ours = autoload.DataLoader(TensorDataset(torch.arange(8)), num_workers="auto", cache=False)
+    assert ours.tuning.workers == (0, 1, 2, 4, 8)  # 2 CPUs of the node's 8: up to 4x 2
 
 
 def test_fixed_settings_are_torchs_loader_as_before():

@@ -471,6 +471,7 @@ class Tuning:
         epochs: Epochs served to their end.
         cached: The cache file the first tuning started from, if one.
         stored: The cache file the settled answer went to, if one.
+        workers: The worker counts it may set (one where the user fixed it).
     """
 
     state: Literal["tuning", "settled"]
@@ -487,6 +488,7 @@ class Tuning:
     epochs: int
     cached: str | None = None
     stored: str | None = None
+    workers: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -497,6 +499,7 @@ class Tuning:
             "windows": [w.to_dict() for w in self.windows],
             "dropped": [d.to_dict() for d in self.dropped], "retunes": self.retunes,
             "epochs": self.epochs, "cached": self.cached, "stored": self.stored,
+            "workers": list(self.workers),
         }
 
 
@@ -710,4 +713,5 @@ class Tuner:
                       settled=self.settled, rate=self.rate, batches=self.batches,
                       batches_to_settle=self.batches_to_settle, bound=self.bound,
                       windows=tuple(self.history), dropped=tuple(self.dropped),
-                      retunes=self.retunes, epochs=self.epochs, cached=cached, stored=stored)
+                      retunes=self.retunes, epochs=self.epochs, cached=cached, stored=stored,
+                      workers=self.space.workers)
