@@ -369,17 +369,17 @@ def test_a_setting_that_crosses_the_memory_cap_is_dropped_and_the_epoch_goes_on(
 
 def test_the_settled_answer_is_remembered_and_the_next_run_starts_there(tmp_path):
     data = TensorDataset(torch.arange(64))
-    first = autoload.DataLoader(data, batch_size=4, num_workers="auto", cache_dir=tmp_path,
-                                online=schedule(Setting(1, 4)))
+    first = autoload.DataLoader(data, batch_size=4, num_workers="auto", prefetch_factor="auto",
+                                cache_dir=tmp_path, online=schedule(Setting(1, 4)))
     epoch(first)
     assert first.tuning.settled == Setting(1, 4)
     assert first.tuning.stored is not None and os.path.isfile(first.tuning.stored)
-    again = autoload.DataLoader(data, batch_size=4, num_workers="auto", cache_dir=tmp_path,
-                                online=OnlineOptions(**TWO))
+    again = autoload.DataLoader(data, batch_size=4, num_workers="auto", prefetch_factor="auto",
+                                cache_dir=tmp_path, online=OnlineOptions(**TWO))
     assert again.tuning.cached == first.tuning.stored
     assert again.tuning.setting == Setting(1, 4)  # it starts there, and checks
-    other = autoload.DataLoader(data, batch_size=8, num_workers="auto", cache_dir=tmp_path,
-                                online=OnlineOptions(**TWO))
+    other = autoload.DataLoader(data, batch_size=8, num_workers="auto", prefetch_factor="auto",
+                                cache_dir=tmp_path, online=OnlineOptions(**TWO))
     assert other.tuning.cached is None and other.tuning.setting == W0
     off = autoload.DataLoader(data, batch_size=4, num_workers="auto", cache=False,
                               online=OnlineOptions(**TWO))

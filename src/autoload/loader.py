@@ -51,12 +51,13 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     differs (see the module's doc). ``autoload.best_loader`` returns one, and the tuner
     measures with it, so the rates it reports are this loader's.
 
-    ``num_workers="auto"`` (and/or ``prefetch_factor="auto"``) tunes ``num_workers``,
-    ``prefetch_factor`` and, toward a CUDA device, ``pin_memory`` while the loop trains on the
-    batches: each epoch still serves exactly the batches its sampler gives, in its order (see
-    :mod:`autoload.online`). ``pin_memory`` and ``persistent_workers`` left out are tuned and
-    kept respectively; given, they are honoured. ``loader.tuning`` says where it stands, and
-    ``loader.num_workers`` (``prefetch_factor``, ``pin_memory``) what runs now.
+    ``num_workers="auto"`` tunes ``num_workers`` and, toward a CUDA device, ``pin_memory``
+    (``prefetch_factor="auto"`` the prefetch too; left out, it is torch's 2) while the loop
+    trains on the batches: each epoch still serves exactly the batches its sampler gives, in
+    its order (see :mod:`autoload.online`). ``pin_memory`` left out is tuned, and
+    ``persistent_workers`` left out keeps the workers across epochs; given, both are honoured.
+    ``loader.tuning`` says where it stands, and ``loader.num_workers`` (``prefetch_factor``,
+    ``pin_memory``) what runs now.
 
     Args:
         dataset: A map-style data set; the other positional and keyword arguments are torch's.

@@ -24,9 +24,9 @@ much of it is computing). Unless loading is too cheap for workers to pay, it jum
 count that would load a batch per step, then walks the ladder of worker counts: up while each
 step beats the best so far, when the loop waited on data for more than ``WAIT_SHARE`` of its
 time; down while each step ties, when it did not (or when the first step up gained nothing).
-Then prefetch factors above 2 (only if the loop still waits), then ``pin_memory`` (only where
-it is tuned). Each setting is measured once, so a tuning takes at most :attr:`Planner.limit`
-windows, and :func:`settle_bound` batches.
+Then prefetch factors above 2 (with ``prefetch_factor="auto"``, only if the loop still waits),
+then ``pin_memory`` (only where it is tuned). Each setting is measured once, so a tuning takes
+at most :attr:`Planner.limit` windows, and :func:`settle_bound` batches.
 
 **Holding.** Once settled, the first whole epoch at the settled setting is the reference; two
 later epochs in a row slower by more than ``max(DROP, 3 x its noise)`` while the loop waited on
@@ -55,7 +55,8 @@ HANDOFF = 0.0005  # seconds: about what receiving a batch from a worker costs th
 SURE_NOISE, SURE_BLOCKS = 0.01, 4  # a window whose rate is this sure over so many blocks ends
 DROP = 0.10  # epochs this much slower than the reference, waiting on data: tune again
 SLOW_EPOCHS = 2  # ... so many in a row (one slow epoch may be another process's burst)
-DEFAULT_PREFETCH = (2, 4, 8)
+DEFAULT_PREFETCH = (2, 4, 8)  # with prefetch_factor="auto"
+TORCH_PREFETCH = 2  # torch's default, kept when prefetch_factor is left out
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,9 @@ class Space:
               pin_memory: bool | Literal["auto"], cuda: bool) -> Space:
         """The ladder of worker counts (0, 1, then powers of two, and 1x, 2x and 4x ``cpus``,
         up to 4x ``cpus``: workers past the cores pay off on items that wait), the prefetch
-        factors (2, 4, 8 when tuned) and pinning (both, only toward CUDA)."""
+        factors (2, 4, 8 with ``"auto"``; left out, torch's 2: a deeper prefetch moves rates by
+        a few percent at most, and each try costs a pool of workers) and pinning (both, only
+        toward CUDA)."""
         if num_workers == "auto":
             top = 4 * cpus
             ladder = {0, 1, cpus, 2 * cpus, top}
@@ -138,8 +141,8 @@ class Space:
             workers = tuple(sorted(w for w in ladder if w <= top))
         else:
             workers = (num_workers,)
-        prefetch = (DEFAULT_PREFETCH if prefetch_factor == "auto" or prefetch_factor is None
-                    else (prefetch_factor,))
+        prefetch = (DEFAULT_PREFETCH if prefetch_factor == "auto"
+                    else (prefetch_factor or TORCH_PREFETCH,))
         pin: tuple[bool, ...] = ((False, True) if cuda else (False,)) \
             if pin_memory == "auto" else (bool(pin_memory),)
         return cls(workers=workers, prefetch=prefetch, pin=pin)
@@ -298,7 +301,8 @@ class Climb(Planner):
     climb goes straight to pinning. Otherwise it jumps to the rung that would load a
     batch per step: ``1.25 x load / step`` workers, at most the CPUs for items that computed
     (the training thread's CPU time was most of the wait), at most the ladder's top for items
-    that waited. From there it walks.
+    that waited (and no more than the loop can receive: one a ``HANDOFF``). From there it
+    walks.
 
     Example:
         >>> space = Space.build(cpus=2, num_workers="auto", prefetch_factor="auto",
@@ -358,7 +362,8 @@ class Climb(Planner):
             return None  # what workers could take off the loop, less the hand-off, is too little
         computes = alone.waited_cpu >= 0.5 * alone.waited
         top = self.cpus if computes else ladder[-1].num_workers
-        want = max(1, min(top, math.ceil(1.25 * load / max(step, 1e-6))))
+        # The loop takes a batch per step, and no faster than it can receive one.
+        want = max(1, min(top, math.ceil(1.25 * load / max(step, HANDOFF))))
         return next((s for s in ladder if s.num_workers >= want), ladder[-1])
 
     @staticmethod
