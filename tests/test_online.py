@@ -103,6 +103,16 @@ def test_every_epoch_serves_torchs_batches_in_torchs_order_across_switches(shuff
     assert ours.tuning.state == "settled"
 
 
+def test_a_setting_the_tuning_comes_back_to_gets_its_idle_workers_back():
+    ours = auto_loader(TensorDataset(torch.arange(200)), schedule(W2, W0, W2), batch_size=2)
+    workers = {}
+    for _ in ours:
+        workers.setdefault(ours.tuning.serving, set()).update(
+            p.pid for p in worker_processes())
+    assert len(workers[W2]) == 2  # the same two processes, before and after w=0's window
+    assert workers[W0] <= workers[W2]  # ... parked, idle, while w=0 served
+
+
 @pytest.mark.parametrize("persistent", [None, True])
 def test_two_epochs_with_the_global_seed_draw_what_torch_draws(persistent):
     # torch draws a base seed every epoch, or (persistent workers) only the first.

@@ -10,7 +10,9 @@ the heap frozen) whose batch sampler is the pool itself, handing it the stream's
 the pool is open. To switch, the old pool is closed: it takes no more indices, serves the
 batches it already holds, in order, and ends; the new pool starts at once and takes the stream
 from there, so its workers start and prefetch while the old ones drain (their start is hidden
-behind the drain). The loop gets the old pool's batches, then the new pool's: every batch of
+behind the drain). A drained pool is parked, its workers idle, while the tuning may come back to
+it (the walk usually settles on the setting before the last one it measured): switching back
+costs no start. The loop gets the old pool's batches, then the new pool's: every batch of
 the sampler, once, in the sampler's order. Each pool remembers the batches it was handed and
 has not served; when a pool is stopped (the memory cap), those go back to the head of the
 stream for the next pool. Pools persist across epochs unless ``persistent_workers=False``.
@@ -278,6 +280,7 @@ class OnlineLoader:
         self._victims: list[tuple[int, ...]] = [()]
         self._current: _Pool | None = None
         self._draining: list[_Pool] = []
+        self._parked: _Pool | None = None
         self._stream: _Stream | None = None
         self._switching: Setting | None = None  # switching from this setting
         self._serving: Setting | None = None
@@ -388,7 +391,8 @@ class OnlineLoader:
             current.resume(self._stream)
             return
         if current is not None:
-            current.shutdown(kill=False)
+            self._current = None
+            self._park(current)
             self._switching = current.setting
         self._start(target)
 
@@ -396,9 +400,11 @@ class OnlineLoader:
         assert self._tuner is not None
         self._epoch = None
         self._tuner.epoch_end()
-        if self.user.persistent_workers is False and self._current is not None:
-            self._current.shutdown(kill=False)
-            self._current = None
+        if self.user.persistent_workers is False:
+            for pool in (self._current, self._parked):
+                if pool is not None:
+                    pool.shutdown(kill=False)
+            self._current = self._parked = None
             self._watch_pids()
 
     def abandon(self) -> None:
@@ -416,6 +422,8 @@ class OnlineLoader:
                 self.begin()
             if self._dog is not None and self._dog.exceeded.is_set():
                 self._on_cap()
+            if self._parked is not None and tuner.state == "settled":
+                self._park(None)
             if self._current is None:
                 self._start(tuner.target)
             elif tuner.target != self._current.setting:
@@ -434,8 +442,7 @@ class OnlineLoader:
                 if batch is _END:
                     if pool is self._current:
                         raise StopIteration
-                    self._draining.pop(0).shutdown(kill=False)
-                    self._watch_pids()
+                    self._park(self._draining.pop(0))
                     continue
                 if pool is self._current:
                     self._switching = None
@@ -457,9 +464,32 @@ class OnlineLoader:
 
     # -- pools -------------------------------------------------------------------------------
 
+    def _park(self, pool: _Pool | None) -> None:
+        """Keep a drained pool's workers, idle, while the tuning may come back to it (the walk
+        usually settles on the setting before the last it measured): one pool at most, none
+        once settled and none without workers (those start for free)."""
+        assert self._tuner is not None
+        old, self._parked = self._parked, None
+        keep = (pool is not None and pool.setting.num_workers > 0
+                and self._tuner.state == "tuning")
+        for stale in (old, None if keep else pool):
+            if stale is not None:
+                stale.shutdown(kill=False)
+        if keep:
+            self._parked = pool
+        self._watch_pids()
+
     def _start(self, setting: Setting) -> None:
-        """A new pool for ``setting``, fed from the epoch's stream: the current one."""
+        """The pool for ``setting``, fed from the epoch's stream: the current one. A parked
+        pool of that setting takes the stream at once, else new workers start."""
         assert self._stream is not None
+        parked = self._parked
+        if parked is not None and parked.setting == setting:
+            self._parked, self._current = None, parked
+            parked.resume(self._stream)
+            self._watch_pids()
+            self._show(setting)
+            return
         pool = _Pool(setting, self._stream)
         u = self.user
         kwargs: dict[str, Any] = {
@@ -498,13 +528,14 @@ class OnlineLoader:
         self._start(target)
 
     def _pools(self) -> list[_Pool]:
-        return [*self._draining, *([self._current] if self._current is not None else [])]
+        """Every pool with workers up: draining (oldest first), current, parked."""
+        return [*self._draining, *(p for p in (self._current, self._parked) if p is not None)]
 
     def _stop_all(self) -> None:
         """Kill every pool's workers; the batches they held go back to the stream."""
         pools = self._pools()
         held = [batch for pool in pools for batch in pool.handed]
-        self._draining, self._current = [], None
+        self._draining, self._current, self._parked = [], None, None
         try:
             for pool in pools:
                 pool.shutdown(kill=True)

@@ -9,7 +9,8 @@ runs the worker pools and feeds it.
 warm-up (the first ``max(2, workers x prefetch)`` batches it serves: its workers' start and the
 batches they had ready, which would flatter it); it ends once it holds ``min_batches`` batches
 and ``min_seconds`` of cycles (or sooner, once its rate varies by less than ``SURE_NOISE``
-over ``SURE_BLOCKS`` blocks: a steady pipeline needs no long look), or at ``max_batches``.
+over ``SURE_BLOCKS`` blocks: a steady pipeline needs no long look; or once it runs below
+``LOSING`` times the best window so far: it cannot win), or at ``max_batches``.
 Its rate is batches over the sum of their cycles, its noise the spread of that rate over blocks
 of the window (a relative standard error).
 
@@ -53,6 +54,7 @@ WAIT_SHARE = 0.05  # below this share of its time waiting on data, the loop is n
 MIN_GAIN = 0.02  # the least gain that buys a costlier setting, however quiet the machine
 HANDOFF = 0.0005  # seconds: about what receiving a batch from a worker costs the loop
 SURE_NOISE, SURE_BLOCKS = 0.01, 4  # a window whose rate is this sure over so many blocks ends
+LOSING = 0.75  # ... and one this far below the best window of the tuning, after min_batches
 DROP = 0.10  # epochs this much slower than the reference, waiting on data: tune again
 SLOW_EPOCHS = 2  # ... so many in a row (one slow epoch may be another process's burst)
 DEFAULT_PREFETCH = (2, 4, 8)  # with prefetch_factor="auto"
@@ -335,6 +337,9 @@ class Climb(Planner):
                 workers = False  # loading is too cheap for workers to pay
             elif jump not in seen:
                 return jump
+            elif seen[jump].feasible and beats(seen[start], seen[jump]):
+                # The hand-off costs more than the loading it saves: more workers pay it too.
+                workers = False
             else:
                 start = jump
         if workers:
@@ -597,10 +602,9 @@ class Tuner:
         if self._served_by_target <= warmup(setting):
             return
         self._window.add(wait, cycle, wait_cpu)
-        o, w = self.options, self._window
-        known = len(w.rates) >= SURE_BLOCKS and w.noise <= SURE_NOISE
-        if w.batches >= o.max_batches or (w.batches >= o.min_batches
-                                          and (w.seconds >= o.min_seconds or known)):
+        w = self._window
+        if w.batches >= self.options.max_batches or (w.batches >= self.options.min_batches
+                                                     and self._enough(w)):
             self._record(w.measured(setting, self.batches))
             self._propose()
 
@@ -647,6 +651,16 @@ class Tuner:
     def _record(self, measured: Measured) -> None:
         self._measured.append(measured)
         self.history.append(measured)
+
+    def _enough(self, window: _Blocks) -> bool:
+        """Whether a window of ``min_batches`` or more may end (see the module's doc)."""
+        if window.seconds >= self.options.min_seconds:
+            return True
+        if len(window.rates) >= SURE_BLOCKS and window.noise <= SURE_NOISE:
+            return True
+        best = max((m.rate for m in self._measured if m.feasible and m.batches), default=None)
+        return (best is not None and window.seconds > 0
+                and window.batches / window.seconds < LOSING * best)
 
     def _propose(self) -> None:
         proposal = None
