@@ -387,14 +387,12 @@ class OnlineLoader:
                 generator=self.generator).item())
         self._stream = _Stream(iter(self._index_sampler()))
         target, current = tuner.target, self._current
-        if current is not None and current.setting == target and current.iterator is not None:
+        if current is None:
+            self._start(target)
+        elif current.setting == target:
             current.resume(self._stream)
-            return
-        if current is not None:
-            self._current = None
-            self._park(current)
-            self._switching = current.setting
-        self._start(target)
+        else:  # a switch at the epoch's start: the old pool has nothing left to serve
+            self._switch(target)
 
     def end(self) -> None:
         assert self._tuner is not None
