@@ -113,17 +113,21 @@ def test_a_setting_the_tuning_comes_back_to_gets_its_idle_workers_back():
     assert workers[W0] <= workers[W2]  # ... parked, idle, while w=0 served
 
 
-@pytest.mark.parametrize("persistent", [None, True])
+@pytest.mark.parametrize("persistent", [None, True, False])
 def test_two_epochs_with_the_global_seed_draw_what_torch_draws(persistent):
     # torch draws a base seed every epoch, or (persistent workers) only the first.
     data = TensorDataset(torch.arange(90))
-    kept = {} if persistent is None else {"persistent_workers": True}
+    kept = {} if persistent is None else {"persistent_workers": persistent}
     ours = auto_loader(data, schedule(W2, W0, W2), batch_size=3, shuffle=True, drop_last=True,
                        **kept)
     torchs = torch.utils.data.DataLoader(data, batch_size=3, shuffle=True, drop_last=True,
-                                         num_workers=2 if persistent else 0, **kept)
+                                         num_workers=0 if persistent is None else 2, **kept)
     torch.manual_seed(11)
-    mine = [epoch(ours)[0] for _ in range(2)]
+    mine = []
+    for _ in range(2):
+        mine.append(epoch(ours)[0])
+        if persistent is False:
+            assert not worker_processes()  # fresh workers every epoch, as asked
     after_mine = torch.rand(3)
     torch.manual_seed(11)
     theirs = [[b[0].tolist() for b in torchs] for _ in range(2)]

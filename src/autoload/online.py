@@ -176,6 +176,7 @@ class _Pool:
             try:
                 batch = next(self.iterator)
             except StopIteration:
+                self.raise_failed()
                 return _END
             except RuntimeError as exc:
                 if not multi:
@@ -203,8 +204,11 @@ class _Pool:
             finally:
                 if multi and self.iterator is not None:
                     _set_timeout(self.iterator, 0)
-            self.handed.popleft()
-            self.raise_failed()
+            index = self.handed.popleft()
+            if self.failed is not None:
+                if not isinstance(self.failed, Exception):
+                    self.handed.appendleft(index)  # Ctrl-C: unserved, back to the stream
+                self.raise_failed()
             return batch
 
     def _consumed(self) -> None:
@@ -420,12 +424,12 @@ class OnlineLoader:
                 self.begin()
             if self._dog is not None and self._dog.exceeded.is_set():
                 self._on_cap()
-            if self._parked is not None and tuner.state == "settled":
-                self._park(None)
             if self._current is None:
                 self._start(tuner.target)
             elif tuner.target != self._current.setting:
-                self._switch(tuner.target)
+                self._switch(tuner.target)  # to the parked pool, if it is the target
+            if self._parked is not None and tuner.state == "settled":
+                self._park(None)
             while True:
                 pool = self._draining[0] if self._draining else self._current
                 assert pool is not None  # _start sets the current pool, or raises
