@@ -188,6 +188,38 @@ def test_collate_fn_worker_init_fn_and_a_batch_sampler_of_ones_own_are_honoured(
     assert marks == {-1, 1000, 1001}  # both settings served, each worker initialised
 
 
+class Faulty(Dataset):
+    """Index 25 raises, wherever it is loaded."""
+
+    def __len__(self) -> int:
+        return 80
+
+    def __getitem__(self, i: int):
+        if i == 25:
+            raise ValueError("bad item 25")
+        return torch.tensor(i)
+
+
+def _served_around_errors(loader) -> tuple[list[list[int]], int]:
+    served, errors, it = [], 0, iter(loader)
+    while True:
+        try:
+            served.append(next(it).tolist())
+        except ValueError:
+            errors += 1
+        except StopIteration:
+            return served, errors
+
+
+def test_the_users_error_in_a_worker_mid_switch_surfaces_as_torchs_does_and_the_epoch_goes_on():
+    # w=2 serves batches 0-7 and drains 8-11 (index 25 is in batch 8) while 8 workers start.
+    ours = auto_loader(Faulty(), schedule(W2, W8), batch_size=3)
+    torchs = torch.utils.data.DataLoader(Faulty(), batch_size=3, num_workers=2)
+    mine = _served_around_errors(ours)
+    assert mine == _served_around_errors(torchs)
+    assert mine[1] == 1 and [24, 25, 26] not in mine[0] and len(mine[0]) == 26
+
+
 # -- what is tuned, and when it settles ---------------------------------------------------------
 
 @pytest.mark.parametrize("edge, picked", [(0.0, W0), (0.01, W0), (0.10, W2)])
