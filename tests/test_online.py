@@ -3,6 +3,7 @@ batches torch's loader serves, in its order, across every switch of workers."""
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import time
@@ -218,6 +219,11 @@ def test_the_users_error_in_a_worker_mid_switch_surfaces_as_torchs_does_and_the_
     mine = _served_around_errors(ours)
     assert mine == _served_around_errors(torchs)
     assert mine[1] == 1 and [24, 25, 26] not in mine[0] and len(mine[0]) == 26
+    # The error, caught, sits in a reference cycle (torch's reraise frame holds it) with the
+    # frames that hold the loader: as with torch's persistent workers, they go at a collection.
+    del ours
+    gc.collect()
+    assert not worker_processes()
 
 
 # -- what is tuned, and when it settles ---------------------------------------------------------

@@ -166,10 +166,11 @@ class _Pool:
     def dead(self) -> list[Any]:
         return [w for w in _workers(self.iterator) if not w.is_alive()]
 
-    def next(self, *, poll: float, hang: float | None, cap: Callable[[], bool],
+    def next(self, *, began: float, poll: float, hang: float | None, cap: Callable[[], bool],
              user_timeout: float) -> Any:
-        """The next batch, or ``_END`` once it served all it holds and has nothing to take."""
-        began, multi = time.monotonic(), self.setting.num_workers > 0
+        """The next batch, or ``_END`` once it served all it holds and has nothing to take
+        (``began``: when the loop started waiting, on ``time.monotonic``)."""
+        multi = self.setting.num_workers > 0
         while True:
             if multi:
                 _set_timeout(self.iterator, poll)
@@ -435,8 +436,9 @@ class OnlineLoader:
                 assert pool is not None  # _start sets the current pool, or raises
                 began = time.monotonic()
                 try:
-                    batch = pool.next(poll=self.options.poll_seconds, hang=self._hang(),
-                                      cap=self._cap_crossed, user_timeout=self.user.timeout)
+                    batch = pool.next(began=began, poll=self.options.poll_seconds,
+                                      hang=self._hang(), cap=self._cap_crossed,
+                                      user_timeout=self.user.timeout)
                 except _CapCrossed:
                     self._on_cap()
                     continue
@@ -642,7 +644,10 @@ class _Epoch:
             tuner.served(serving, wait=wait, cycle=now - asked, wait_cpu=cpu)
             self._last = None
         first, self._begun = not self._begun, True
-        cpu = time.thread_time()
+        # The CPU time of the wait tells loading that computes from loading that waits; only
+        # the tuning asks (a clock read less a batch, once settled).
+        tuning = tuner.state == "tuning"
+        cpu = time.thread_time() if tuning else 0.0
         try:
             batch = run.next(first=first)
         except StopIteration:
@@ -651,7 +656,8 @@ class _Epoch:
             raise
         served = run.serving()
         assert served is not None
-        self._last = (served, run.clock() - now, time.thread_time() - cpu, now)
+        self._last = (served, run.clock() - now, time.thread_time() - cpu if tuning else 0.0,
+                      now)
         return batch
 
     def close(self) -> None:
