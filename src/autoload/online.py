@@ -279,6 +279,7 @@ class OnlineLoader:
         self._cached: str | None = None
         self._stored: str | None = None
         self._cap: int | None = None
+        self._share = 1
         self._watch = True
         self._dog: MemoryWatchdog | None = None
         self._pids: tuple[int, ...] = ()
@@ -329,8 +330,9 @@ class OnlineLoader:
             remembered = self._remembered(space)
             if remembered is not None:
                 start = remembered
-        self._cap = (default_memory_cap(share) if self._memory_cap is None
-                     else parse_size(self._memory_cap) // share)
+        self._share = share
+        if self._memory_cap is not None:  # checked now; the default is read when first needed
+            self._cap = parse_size(self._memory_cap) // share
         planner = self.options.planner or Climb(space, cpus=cpus)
         self._tuner = Tuner(start=start, planner=planner, space=space, options=self.options,
                             on_settle=_weakly(self._settled))
@@ -570,7 +572,9 @@ class OnlineLoader:
         """Keep the watchdog's list of this loader's workers, and run it while there are."""
         self._pids = tuple(pid for pool in self._pools() for pid in pool.pids())
         self._victims[0] = self._pids
-        if self._pids and self._dog is None and self._watch and self._cap is not None:
+        if self._pids and self._dog is None and self._watch:
+            if self._cap is None:  # the tree now, plus 80% of the memory available now
+                self._cap = default_memory_cap(self._share)
             # The watchdog's thread holds the box, not this object, which stays collectable.
             box = self._victims
             self._dog = MemoryWatchdog(self._cap, victims=lambda: box[0]).__enter__()
