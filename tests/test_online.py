@@ -474,3 +474,5 @@ def test_what_auto_cannot_keep_is_refused():
     with pytest.raises(autoload.ConfigError, match="prefetch_factor"):
         autoload.DataLoader(TensorDataset(torch.arange(4)), num_workers="auto",
                             prefetch_factor=0)
+    with pytest.raises(autoload.ConfigError, match="min_batches <= max_batches"):
+        OnlineOptions(min_batches=9, max_batches=8)

@@ -44,6 +44,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from autoload.errors import ConfigError
+
 __all__ = [
     "DROP", "HANDOFF", "MIN_GAIN", "SLOW_EPOCHS", "WAIT_SHARE", "Climb", "Measured",
     "OnlineOptions", "Planner", "Schedule", "Setting", "Space", "Tuner", "Tuning", "beats",
@@ -283,7 +285,7 @@ class Schedule(Planner):
 
     def __init__(self, settings: Sequence[Setting]) -> None:
         if not settings:
-            raise ValueError("a schedule needs at least one setting.")
+            raise ConfigError("a schedule needs at least one setting, but got none.")
         self.settings = tuple(settings)
 
     def propose(self, current: Setting, measured: Sequence[Measured]) -> Setting | None:
@@ -440,13 +442,15 @@ class OnlineOptions:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batches <= self.max_batches:
-            raise ValueError(
+            raise ConfigError(
                 "`1 <= min_batches <= max_batches` must hold, but got "
                 f"({self.min_batches=}, {self.max_batches=})."
             )
         if self.poll_seconds <= 0 or self.min_seconds < 0:
-            raise ValueError(f"poll_seconds must be positive and min_seconds not negative, but "
-                             f"got ({self.poll_seconds=}, {self.min_seconds=}).")
+            raise ConfigError(f"poll_seconds must be positive and min_seconds not negative, "
+                              f"but got ({self.poll_seconds=}, {self.min_seconds=}).")
+        if self.cpus is not None and self.cpus < 1:
+            raise ConfigError(f"`cpus >= 1` must hold, but got {self.cpus=}.")
 
 
 def warmup(setting: Setting) -> int:
