@@ -22,6 +22,7 @@ stdout, every number to ``benchmarks/online.json`` (rewritten after each case).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -223,14 +224,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         workloads.case(spec, args.quick) for spec in workloads.draw(args.random, args.seed)]
     warnings.filterwarnings("ignore", message=r"This DataLoader will create")
     cpus = usable_cpus()
+    # The machine's load average (1, 5, 15 minutes) at the start and the end: every number here
+    # is a wall-clock time, and other processes on the cores shift them all.
     data: dict[str, Any] = {"cpus": cpus, "epochs": epochs, "rounds": rounds,
                             "quick": args.quick, "seed": args.seed if args.random else None,
-                            "cases": {}}
+                            "load_average": {"start": os.getloadavg()}, "cases": {}}
     started = time.perf_counter()
     for case in chosen:
         data["cases"][case.name] = bench(case, epochs=epochs, rounds=rounds, cpus=cpus,
                                          quick=args.quick)
         data["seconds"] = time.perf_counter() - started
+        data["load_average"]["end"] = os.getloadavg()
         write_json(args.json, data)
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table(data["cases"]))
