@@ -4,10 +4,10 @@ import autoload
 
 PUBLIC = {
     "AmpDtype", "AutoloadError", "ConfigError", "Costs", "DataLoader", "DatasetError",
-    "FinalistRecord", "LoaderConfig", "Measurement", "MemoryCapExceeded", "Probe",
-    "ProgressEvent", "ResultFileError", "SearchSpace", "SpecError", "TrainingProbe",
-    "TrialFault", "TrialRecord", "TrialTimeout", "TuneResult", "TuningFailedError", "Window",
-    "best_loader", "build_space", "tune",
+    "FinalistRecord", "LoaderConfig", "Measurement", "MemoryCapExceeded", "OnlineOptions",
+    "Probe", "ProgressEvent", "ResultFileError", "SearchSpace", "Setting", "SpecError",
+    "TrainingProbe", "TrialFault", "TrialRecord", "TrialTimeout", "TuneResult", "Tuning",
+    "TuningFailedError", "Window", "WorkerError", "best_loader", "build_space", "tune",
 }
 
 
@@ -18,7 +18,8 @@ def test_all_lists_the_public_names_and_each_exists():
 
 def test_every_error_autoload_raises_on_purpose_is_an_autoload_error():
     for name in ("ConfigError", "DatasetError", "ResultFileError", "SpecError",
-                 "TuningFailedError", "TrialFault", "MemoryCapExceeded", "TrialTimeout"):
+                 "TuningFailedError", "TrialFault", "MemoryCapExceeded", "TrialTimeout",
+                 "WorkerError"):
         assert issubclass(getattr(autoload, name), autoload.AutoloadError)
     for fault in (autoload.MemoryCapExceeded, autoload.TrialTimeout):
         assert issubclass(fault, autoload.TrialFault)

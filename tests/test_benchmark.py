@@ -19,6 +19,7 @@ if str(BENCH) not in sys.path:  # the benchmark's modules import each other by n
 
 import compare  # noqa: E402
 import grid  # noqa: E402
+import online  # noqa: E402
 import oracle  # noqa: E402
 import settings  # noqa: E402
 import workloads  # noqa: E402
@@ -278,3 +279,21 @@ def test_the_random_verdict_needs_the_median_and_every_workload():
     low = compare.distribution({f"r{i}": case(r) for i, r in enumerate([0.89, 0.98, 1.0])})
     assert low["verdict"] == "FAIL"
     assert compare.distribution({"a_inmemory": {"summary": {}}}) is None
+
+
+def test_the_online_benchmark_sizes_epochs_and_scores_auto_against_the_best_fixed_side():
+    assert [online.batch_size(n) for n in (16384, 2048, 256, 150)] == [128, 16, 2, 1]
+    assert ("w=0", "w=2 pf=2") == (online.label((0, None)), online.label((2, 2)))
+
+    def side(*ends):
+        return [{"ends": list(ends)}]
+
+    sides = {"auto": side(1.2, 2.1, 3.0, 3.9), "w=0": side(2.0, 4.0, 6.0, 8.0),
+             "w=2 pf=2": side(1.0, 2.0, 3.0, 4.0), "w=4 pf=2": side(1.5, 2.4, 3.3, 4.2)}
+    sides["auto"][0]["tuning"] = {"batches_to_settle": 90, "settled": {"num_workers": 2}}
+    s = online.summarize(sides, samples=100, epochs=4, recipe="w=2 pf=2")
+    assert s["best_first3"] == "w=2 pf=2" and s["first3_ratio"] == pytest.approx(1.0)
+    assert s["best_rate"] == "w=4 pf=2"  # 200 samples in 1.8 s, against 2.0 s
+    assert s["rate_ratio"] == pytest.approx(1.0)
+    assert s["vs_w0"]["rate"] == pytest.approx(2.2222, 1e-3)
+    assert s["pass"] and s["batches_to_settle"] == 90

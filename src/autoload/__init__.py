@@ -11,10 +11,12 @@ from autoload.errors import (
     TrialFault,
     TrialTimeout,
     TuningFailedError,
+    WorkerError,
 )
 from autoload.loader import DataLoader
 from autoload.probe import Probe, TrainingProbe
 from autoload.result import FinalistRecord, Measurement, ProgressEvent, TrialRecord, TuneResult
+from autoload.settle import OnlineOptions, Setting, Tuning
 from autoload.space import SearchSpace, build_space
 from autoload.timing import Costs, Window
 from autoload.tuner import best_loader, tune
@@ -32,18 +34,22 @@ __all__ = [
     "LoaderConfig",
     "Measurement",
     "MemoryCapExceeded",
+    "OnlineOptions",
     "Probe",
     "ProgressEvent",
     "ResultFileError",
     "SearchSpace",
+    "Setting",
     "SpecError",
     "TrainingProbe",
     "TrialFault",
     "TrialRecord",
     "TrialTimeout",
     "TuneResult",
+    "Tuning",
     "TuningFailedError",
     "Window",
+    "WorkerError",
     "best_loader",
     "build_space",
     "tune",

@@ -38,7 +38,7 @@ from autoload.result import TuneResult, write_atomically
 from autoload.space import usable_cpus
 
 __all__ = ["ENV", "CacheWarning", "cache_dir", "clear", "entries", "find", "fingerprint", "load",
-           "store"]
+           "read", "store", "write"]
 
 ENV = "AUTOLOAD_CACHE_DIR"
 Folder = str | os.PathLike[str] | None
@@ -163,9 +163,9 @@ def _path(digest: str, folder: Folder = None) -> Path:
     return cache_dir(folder) / f"{digest[:32]}.json"
 
 
-def load(parts: Mapping[str, Any], folder: Folder = None) -> TuneResult | None:
-    """The remembered result for ``parts``, or ``None``. A file that is not an autoload result
-    for this key is ignored with a :class:`CacheWarning`, never an error."""
+def read(parts: Mapping[str, Any], folder: Folder = None) -> tuple[Path, dict[str, Any]] | None:
+    """The remembered JSON for ``parts`` and its path, or ``None``. A file that cannot be read,
+    or that belongs to another key, is ignored with a :class:`CacheWarning`, never an error."""
     path = _path(key(parts), folder)
     if not path.is_file():
         return None
@@ -173,30 +173,50 @@ def load(parts: Mapping[str, Any], folder: Folder = None) -> TuneResult | None:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or (data.get("cache") or {}).get("key") != key(parts):
             raise ResultFileError("it belongs to another key")
-        result = TuneResult.from_json(path.read_text())
     except (OSError, ValueError, ResultFileError) as exc:
         warnings.warn(f"ignored the cache file {path}: {exc}", CacheWarning, stacklevel=3)
         return None
-    return replace(result, cached=str(path))
+    return path, data
 
 
-def store(parts: Mapping[str, Any], result: TuneResult, folder: Folder = None) -> Path | None:
-    """Remember ``result`` under ``parts`` (atomically: processes that store the same key at
-    once, on one machine or several sharing the folder, leave one whole file); ``None`` when
-    the folder is not writable (a cache is a convenience: the run has its result either
+def write(parts: Mapping[str, Any], data: Mapping[str, Any], folder: Folder = None
+          ) -> Path | None:
+    """Remember the JSON ``data`` under ``parts`` (atomically: processes that store the same key
+    at once, on one machine or several sharing the folder, leave one whole file); ``None``
+    when the folder is not writable (a cache is a convenience: the run has its answer either
     way)."""
     path = _path(key(parts), folder)
-    data = json.loads(result.to_json())
-    data["cache"] = {"key": key(parts), "fingerprint": dict(parts),
-                     "stored": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    entry = dict(data)
+    entry["cache"] = {"key": key(parts), "fingerprint": dict(parts),
+                      "stored": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(data, indent=2, default=str))
+        write_atomically(path, json.dumps(entry, indent=2, default=str))
     except OSError as exc:
         warnings.warn(f"could not write the cache file {path}: {exc}", CacheWarning,
                       stacklevel=3)
         return None
     return path
+
+
+def load(parts: Mapping[str, Any], folder: Folder = None) -> TuneResult | None:
+    """The remembered result for ``parts``, or ``None``. A file that is not an autoload result
+    for this key is ignored with a :class:`CacheWarning`, never an error."""
+    found = read(parts, folder)
+    if found is None:
+        return None
+    path, data = found
+    try:
+        result = TuneResult.from_json(json.dumps(data))
+    except ResultFileError as exc:
+        warnings.warn(f"ignored the cache file {path}: {exc}", CacheWarning, stacklevel=2)
+        return None
+    return replace(result, cached=str(path))
+
+
+def store(parts: Mapping[str, Any], result: TuneResult, folder: Folder = None) -> Path | None:
+    """Remember ``result`` under ``parts`` (see :func:`write`)."""
+    return write(parts, json.loads(result.to_json()), folder)
 
 
 def entries(folder: Folder = None) -> list[tuple[Path, dict[str, Any] | None]]:

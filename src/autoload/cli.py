@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from torch.nn import functional
 import autoload
 from autoload import cache
 from autoload.distributed import Terminated
-from autoload.errors import AutoloadError, ConfigError, SpecError, summary
+from autoload.errors import AutoloadError, ConfigError, ResultFileError, SpecError, summary
 from autoload.importer import import_from_string
 from autoload.memory import parse_size
 from autoload.report import LiveProgress, render_cache, render_report
@@ -281,9 +282,19 @@ def _cache(action: str, folder: str | None, console: Console) -> int:
 def _show(target: str, folder: str | None) -> TuneResult:
     """A saved result: the file ``target``, else the cached one whose id starts with it."""
     path = Path(target)
-    if path.exists() or os.sep in target or target.endswith(".json"):
-        return TuneResult.load(path)
-    return TuneResult.load(cache.find(target, folder))
+    if not (path.exists() or os.sep in target or target.endswith(".json")):
+        path = cache.find(target, folder)
+    try:
+        online = json.loads(path.read_text()).get("kind") == "online"
+    except (OSError, ValueError, AttributeError):
+        online = False  # TuneResult.load says what is wrong with it
+    if online:
+        raise ResultFileError(
+            f"{str(path)!r} is a setting autoload.DataLoader(num_workers='auto') settled on "
+            "while training, not a tune() result, and has no report; `autoload cache list` "
+            "shows it."
+        )
+    return TuneResult.load(path)
 
 
 def main(argv: Sequence[str] | None = None, *, console: Console | None = None) -> int:

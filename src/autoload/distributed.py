@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 import signal
 import threading
 import time
@@ -40,40 +39,12 @@ from autoload.probe import Probe
 from autoload.result import Measurement, costs_from_dict, costs_to_dict
 from autoload.sources import Source
 from autoload.timing import Window
+from autoload.world import World, current_world
 
 __all__ = ["Channel", "DistributedProbe", "Terminated", "World", "current_world", "follow",
            "shard", "terminate_as_interrupt", "world_note"]
 
 CONTROL_TIMEOUT = 180.0  # seconds a rank waits on the others before it gives up
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class World:
-    """Where this process stands in the job."""
-
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-    def to_dict(self) -> dict[str, int]:
-        return {"size": self.size, "per_node": self.local_size}
-
-
-def current_world() -> World | None:
-    """The job this process is part of: an initialized process group of more than one rank
-    (torchrun's ``LOCAL_WORLD_SIZE`` and ``LOCAL_RANK`` say how many share this node);
-    ``None`` without one."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return None
-    size, rank = dist.get_world_size(), dist.get_rank()
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    local_rank = int(os.environ.get("LOCAL_RANK", rank % local_size))
-    return World(rank=rank, size=size, local_rank=local_rank, local_size=local_size)
 
 
 class Channel:

@@ -9,6 +9,7 @@ one type. The CLI turns each into one line and a non-zero exit.
     ├── DatasetError           a data set autoload cannot batch or size
     ├── ResultFileError        a result JSON that cannot be read
     ├── TuningFailedError      no configuration could be measured
+    ├── WorkerError            a worker of a tuning loader (num_workers="auto") died or hung
     └── TrialFault             one configuration could not be measured; the study goes on
         ├── MemoryCapExceeded  its memory crossed the cap (the trial is infeasible)
         └── TrialTimeout       it ran past its deadline (a hung worker or ``__getitem__``)
@@ -34,6 +35,7 @@ __all__ = [
     "TuningFailedError",
     "format_size",
     "summary",
+    "WorkerError",
 ]
 
 
@@ -59,6 +61,11 @@ class ResultFileError(AutoloadError):
 
 class TuningFailedError(AutoloadError):
     """No configuration could be measured; ``__cause__`` holds the user's exception, if one."""
+
+
+class WorkerError(AutoloadError):
+    """A worker process of an ``autoload.DataLoader(num_workers="auto")`` died, or its pool
+    stopped sending batches while the loader switched settings; no worker is left running."""
 
 
 class TrialFault(AutoloadError):

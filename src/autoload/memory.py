@@ -226,17 +226,22 @@ class MemoryWatchdog:
     that crosses the cap.
 
     On crossing it sets :attr:`exceeded` and kills the trial's worker processes (the children
-    that were not there when the watchdog started), so a worker allocating past the cap cannot
-    take the machine down; the probe's loop then raises :class:`MemoryCapExceeded`.
+    that were not there when the watchdog started, or the pids ``victims()`` returns when
+    given), so a worker allocating past the cap cannot take the machine down; the probe's loop
+    then raises :class:`MemoryCapExceeded`. ``victims`` is for a watchdog that runs beside
+    code that is not autoload's (the online loader's, in the user's training loop): it kills
+    the workers autoload started and nothing else.
     """
 
     def __init__(self, cap: int | None, *, interval: float = 0.25,
-                 memory: ProcessTreeMemory | None = None) -> None:
+                 memory: ProcessTreeMemory | None = None,
+                 victims: Callable[[], Iterable[int]] | None = None) -> None:
         self.cap = cap
         self.peak = 0
         self.exceeded = threading.Event()
         self._interval = interval
         self._memory = memory or ProcessTreeMemory()
+        self._victims = victims
         self._stop = threading.Event()
         self._before = set(self._memory.pids())
         self.cpu_seconds = 0.0  # what the watchdog's own thread used: its cost to the trial
@@ -262,9 +267,9 @@ class MemoryWatchdog:
         self.peak = max(self.peak, used)
         if self.cap is not None and used > self.cap and not self.exceeded.is_set():
             self.exceeded.set()
-            for pid in self._memory.pids():
-                if pid in self._before:
-                    continue
+            chosen = (list(self._victims()) if self._victims is not None
+                      else [pid for pid in self._memory.pids() if pid not in self._before])
+            for pid in chosen:
                 try:
                     proc = psutil.Process(pid)
                     if not _is_helper(proc):

@@ -22,6 +22,7 @@ from rich.text import Text
 from autoload.config import LoaderConfig
 from autoload.memory import format_size
 from autoload.result import FinalistRecord, ProgressEvent, TuneResult
+from autoload.settle import Setting
 
 __all__ = ["LiveProgress", "render_report", "report_text", "snippet", "training_arguments_snippet"]
 
@@ -283,6 +284,9 @@ def render_cache(found: list[tuple[Path, dict[str, Any] | None]],
     ``autoload show`` takes."""
     rows = []
     for path, data in found:
+        if data is not None and data.get("kind") == "online":
+            rows.append(_online_row(path, data))
+            continue
         if data is None or "config" not in data:
             rows.append({"id": path.stem[:12], "stored": "", "data": "(unreadable)"})
             continue
@@ -299,6 +303,20 @@ def render_cache(found: list[tuple[Path, dict[str, Any] | None]],
     return _Fitted(f"Cached results in {folder}", rows,
                    required=("id", "stored", "data", "winner", "samples/s"),
                    optional=("model", "device"), shrink="data")
+
+
+def _online_row(path: Path, data: dict[str, Any]) -> dict[str, str]:
+    """A settled answer of ``autoload.DataLoader(num_workers="auto")``."""
+    parts = (data.get("cache") or {}).get("fingerprint") or {}
+    kind = (parts.get("data") or {}).get("type", "?")
+    try:
+        winner = f"{Setting.from_dict(data['setting']).label()} (online)"
+    except (KeyError, TypeError, ValueError):
+        winner = "(unreadable)"
+    rate = data.get("samples_per_second") or data.get("batches_per_second") or 0
+    return {"id": path.stem[:12], "stored": _stored((data.get("cache") or {}).get("stored")),
+            "data": str(kind).split(".")[-1], "model": "-", "device": str(data.get("device")),
+            "winner": winner, "samples/s": _rate(float(rate))}
 
 
 def _stored(when: Any) -> str:
