@@ -21,16 +21,6 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # TrainingArguments needs it to pick the device
 
 
-def _has_online_mode() -> bool:
-    """Whether autoload.DataLoader takes num_workers="auto" (the online mode)."""
-    try:
-        autoload.DataLoader(torch.utils.data.TensorDataset(torch.zeros(1)), num_workers="auto",
-                            prefetch_factor="auto")
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 class Tokens(torch.utils.data.Dataset):
     """Sequence-classification items with only the columns BERT's forward takes."""
 
@@ -107,8 +97,6 @@ def test_a_plain_module_gets_no_training_arguments(clock):
     assert result.framework is None and "TrainingArguments" not in _render(result)
 
 
-@pytest.mark.skipif(not _has_online_mode(), reason="autoload.DataLoader has no online mode "
-                    "(num_workers='auto') in this version")
 def test_the_readmes_online_trainer_trains(tmp_path):
     class AutoloadTrainer(transformers.Trainer):  # as in the README
         def get_train_dataloader(self):

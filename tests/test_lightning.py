@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 import autoload
 import autoload.tuner
 from autoload import ConfigError
-from autoload.lightning import LoaderTuner, has_online_mode
+from autoload.lightning import LoaderTuner
 
 from conftest import SurfaceProbe, worker_processes
 
@@ -185,8 +185,6 @@ def test_online_with_a_batch_size_search_is_refused():
         LoaderTuner(online=True, batch_size=True)
 
 
-@pytest.mark.skipif(not has_online_mode(), reason="autoload.DataLoader has no online mode "
-                    "(num_workers='auto') in this version")
 def test_online_trains_on_the_online_loader_without_tuning_first(report_lines):
     tuner = LoaderTuner(online=True)
     trainer = _trainer(tuner, steps=3)
@@ -200,7 +198,7 @@ def test_online_trains_on_the_online_loader_without_tuning_first(report_lines):
 
 
 def test_online_asks_autoload_dataloader_for_auto_workers_and_prefetch(monkeypatch):
-    # Until the online mode is merged, a stand-in records the call and trains with 0 workers.
+    # A stand-in records the call and trains with 0 workers.
     calls = []
 
     class Online(autoload.DataLoader):
@@ -210,19 +208,12 @@ def test_online_asks_autoload_dataloader_for_auto_workers_and_prefetch(monkeypat
             super().__init__(dataset, **kwargs)
 
     monkeypatch.setattr("autoload.lightning.DataLoader", Online)
-    monkeypatch.setattr("autoload.lightning.has_online_mode", lambda: True)
     tuner, model = LoaderTuner(online=True, verbose=False), Classifier(_data(128))
     trainer = _trainer(tuner, steps=2)
     trainer.fit(model)
     assert calls == [{"shuffle": True, "batch_size": 16, "drop_last": False,
                       "pin_memory": False, "num_workers": "auto", "prefetch_factor": "auto"}]
     assert type(trainer.train_dataloader) is Online and trainer.global_step == 2
-
-
-def test_without_the_online_mode_online_is_a_one_line_error(monkeypatch):
-    monkeypatch.setattr("autoload.lightning.has_online_mode", lambda: False)
-    with pytest.raises(ConfigError, match="online=True needs autoload's online mode"):
-        _trainer(LoaderTuner(online=True), steps=1).fit(Classifier(_data(64)))
 
 
 def test_importing_autoload_imports_neither_lightning_nor_transformers():

@@ -38,7 +38,7 @@ from autoload.sources import lightning_step, resolve
 from autoload.space import AmpChoice
 from autoload.tuner import best_loader, tune
 
-__all__ = ["LoaderTuner", "has_online_mode"]
+__all__ = ["LoaderTuner"]
 
 # Lightning's precision flags and the autocast they train under.
 _AUTOCAST: dict[str, AmpDtype] = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
@@ -181,11 +181,6 @@ class LoaderTuner(Callback):
 
     def _online(self, loader: torch.utils.data.DataLoader[Any]) -> DataLoader[Any]:
         """The user's loader as autoload's online loader, which tunes its own workers."""
-        if not has_online_mode():
-            raise ConfigError(
-                "online=True needs autoload's online mode (autoload.DataLoader(..., "
-                "num_workers='auto')), which this version of autoload lacks; upgrade autoload, "
-                "or drop online=True to tune at the start of the fit.")
         source = resolve(loader)
         arguments: dict[str, Any] = {**source.loader_options, "batch_size": source.batch_size,
                                      "drop_last": bool(source.drop_last),
@@ -195,16 +190,6 @@ class LoaderTuner(Callback):
             rank_zero_info("LoaderTuner: training on autoload.DataLoader(num_workers='auto', "
                            "prefetch_factor='auto'), which tunes its workers as it trains")
         return DataLoader(source.dataset, **arguments)
-
-
-def has_online_mode() -> bool:
-    """Whether this autoload's ``DataLoader`` takes ``num_workers="auto"`` (its online mode)."""
-    auto: dict[str, Any] = {"num_workers": "auto", "prefetch_factor": "auto"}
-    try:
-        DataLoader(torch.utils.data.TensorDataset(torch.zeros(1)), **auto)
-    except (TypeError, ValueError):  # torch's own loader compares num_workers with 0
-        return False
-    return True
 
 
 def _check_trainer(trainer: Trainer, pl_module: LightningModule) -> None:
