@@ -25,15 +25,8 @@ import autoload
 import autoload.online
 from autoload.cli import main
 from autoload.memory import ProcessTreeMemory
-from autoload.settle import (
-    Climb,
-    Measured,
-    OnlineOptions,
-    Schedule,
-    Setting,
-    Space,
-    Tuner,
-)
+from autoload.settle import Climb, Measured, Schedule, Setting, Space
+from autoload.tuning import OnlineOptions, Tuner
 from autoload.world import World
 
 from conftest import FakeClock, worker_processes

@@ -16,10 +16,11 @@ from autoload.errors import (
 from autoload.loader import DataLoader
 from autoload.probe import Probe, TrainingProbe
 from autoload.result import FinalistRecord, Measurement, ProgressEvent, TrialRecord, TuneResult
-from autoload.settle import OnlineOptions, Setting, Tuning
+from autoload.settle import Setting
 from autoload.space import SearchSpace, build_space
 from autoload.timing import Costs, Window
 from autoload.tuner import best_loader, tune
+from autoload.tuning import OnlineOptions, Tuning
 
 __version__ = "0.1.0"
 

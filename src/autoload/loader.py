@@ -34,7 +34,7 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from autoload.errors import ConfigError
 from autoload.online import OnlineLoader, UserOptions
-from autoload.settle import OnlineOptions, Tuning
+from autoload.tuning import OnlineOptions, Tuning
 
 __all__ = ["DataLoader"]
 
@@ -67,7 +67,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         cache: With "auto": start from the answer remembered for this machine, data set, batch
             size and sampler (it is still checked), and remember the settled one.
         cache_dir: The folder answers are remembered in (as ``tune(cache_dir=)``).
-        online: With "auto": the tuning's knobs (:class:`~autoload.settle.OnlineOptions`).
+        online: With "auto": the tuning's knobs (:class:`~autoload.tuning.OnlineOptions`).
 
     Raises:
         ConfigError: "auto" with an ``IterableDataset`` or ``in_order=False``, or an online

@@ -40,45 +40,36 @@ watchdog (:class:`~autoload.memory.MemoryWatchdog`, told to kill this loader's w
 its setting dropped, its batches handed to the next pool: the loop never sees it. An epoch left
 before its end (``break``, an exception) stops its pools; the next starts them again.
 
-The decisions (windows, the tie rule, when to settle and when to re-tune) are
-:mod:`autoload.settle`'s.
+The pools are :mod:`autoload.pool`'s; the windows, when to settle and when to tune again
+:mod:`autoload.tuning`'s; which setting wins and what to try next :mod:`autoload.settle`'s.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import time
 import warnings
 import weakref
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import torch
 import torch.utils.data
 
 from autoload import cache
 from autoload.errors import ConfigError, WorkerError
 from autoload.memory import MemoryWatchdog, default_memory_cap, parse_size
-from autoload.settle import (
-    Climb,
-    OnlineOptions,
-    Setting,
-    Space,
-    Tuner,
-    Tuning,
-)
+from autoload.pool import END, CapCrossed, Pool, PoolFault, Stream, leave_to_us
+from autoload.settle import Climb, Setting, Space
 from autoload.space import usable_cpus
+from autoload.tuning import OnlineOptions, Tuner, Tuning
 from autoload.world import current_world
 
 __all__ = ["FORMAT_VERSION", "OnlineLoader", "UserOptions"]
 
 FORMAT_VERSION = 1  # of the cache entry
 HANG_FLOOR = 60.0  # seconds: the least a batch may take during a switch before it is a hang
-_END = object()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,151 +84,6 @@ class UserOptions:
     worker_init_fn: Callable[[int], None] | None
     multiprocessing_context: Any
     pin_memory_device: str | None
-
-
-class _Stream:
-    """One epoch's batches of indices, each handed out once, in order."""
-
-    def __init__(self, batches: Iterator[Any]) -> None:
-        self._batches = batches
-        self._front: deque[Any] = deque()
-
-    def take(self) -> Any:
-        if self._front:
-            return self._front.popleft()
-        return next(self._batches, _END)
-
-    def requeue(self, batches: Sequence[Any]) -> None:
-        """Put batches a stopped pool held back at the head, in their order."""
-        self._front.extendleft(reversed(batches))
-
-
-class _Fault(Exception):
-    """A pool's workers died or hung: the loader stops every pool and raises WorkerError."""
-
-
-class _CapCrossed(Exception):
-    """The memory watchdog stopped this loader's workers."""
-
-
-class _Pool:
-    """One setting's workers, fed from the epoch's stream while open (see the module's doc)."""
-
-    def __init__(self, setting: Setting, stream: _Stream) -> None:
-        self.setting, self.stream = setting, stream
-        self.open = True
-        self.handed: deque[Any] = deque()  # batches taken from the stream, not yet served
-        self.loader: Any = None
-        self.iterator: Any = None
-        self.failed: BaseException | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        # torch asks for it at each iter() of the loader: one epoch's run of this pool.
-        stream = self.stream
-        while self.open and stream is self.stream:
-            try:
-                batch = stream.take()
-            except BaseException as exc:
-                # The sampler's error (or Ctrl-C) would surface inside torch, half-way through
-                # building its iterator, whose workers could not then be stopped: it is raised
-                # once torch is done (:meth:`raise_failed`), and this pool takes no more.
-                self.failed = exc
-                return
-            if batch is _END:
-                return
-            self.handed.append(batch)
-            yield batch
-
-    def raise_failed(self) -> None:
-        failed, self.failed = self.failed, None
-        if failed is not None:
-            raise failed
-
-    def resume(self, stream: _Stream) -> None:
-        """The next epoch, with the same workers."""
-        self.stream, self.open = stream, True
-        self.handed.clear()
-        self.iterator = iter(self.loader)
-        self.raise_failed()
-
-    def pids(self) -> list[int]:
-        return [w.pid for w in _workers(self.iterator) if w.pid is not None]
-
-    def dead(self) -> list[Any]:
-        return [w for w in _workers(self.iterator) if not w.is_alive()]
-
-    def next(self, *, began: float, poll: float, hang: float | None, cap: Callable[[], bool],
-             user_timeout: float) -> Any:
-        """The next batch, or ``_END`` once it served all it holds and has nothing to take
-        (``began``: when the loop started waiting, on ``time.monotonic``)."""
-        multi = self.setting.num_workers > 0
-        while True:
-            if multi:
-                _set_timeout(self.iterator, poll)
-            try:
-                batch = next(self.iterator)
-            except StopIteration:
-                self.raise_failed()
-                return _END
-            except RuntimeError as exc:
-                if not multi:
-                    self._consumed()
-                    raise
-                waited = time.monotonic() - began
-                if cap():
-                    raise _CapCrossed() from None
-                if self.dead():
-                    raise _Fault(self._death()) from None
-                if not str(exc).startswith("DataLoader timed out"):
-                    self._consumed()
-                    raise
-                if hang is not None and waited > hang:
-                    raise _Fault(f"no batch came from the pool ({self.setting.label()}) for "
-                                 f"{waited:.1f} s: a worker hung in the data set's __getitem__ "
-                                 "or collate_fn") from None
-                if user_timeout and waited > user_timeout:
-                    raise RuntimeError(
-                        f"DataLoader timed out after {user_timeout} seconds") from None
-                continue
-            except Exception:  # the user's error, raised again from a worker: torch goes on
-                self._consumed()
-                raise
-            finally:
-                if multi and self.iterator is not None:
-                    _set_timeout(self.iterator, 0)
-            index = self.handed.popleft()
-            if self.failed is not None:
-                if not isinstance(self.failed, Exception):
-                    self.handed.appendleft(index)  # Ctrl-C: unserved, back to the stream
-                self.raise_failed()
-            return batch
-
-    def _consumed(self) -> None:
-        # torch took the failed batch off its queue: the loop will not see it, as with torch.
-        if self.handed:
-            self.handed.popleft()
-
-    def _death(self) -> str:
-        parts = []
-        for w in self.dead():
-            code = w.exitcode
-            how = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
-                   else f"exit code {code}")
-            parts.append(f"pid {w.pid}, {how}")
-        return (f"a worker of the pool ({self.setting.label()}) died ({'; '.join(parts)}): the "
-                "data set's __getitem__ or collate_fn ended the process")
-
-    def shutdown(self, *, kill: bool) -> None:
-        it, self.iterator, self.open = self.iterator, None, False
-        if it is None:
-            return
-        if kill:
-            for w in _workers(it):
-                try:
-                    psutil.Process(w.pid).kill()
-                except (psutil.Error, TypeError):
-                    pass
-        _shutdown(it)
 
 
 class OnlineLoader:
@@ -284,10 +130,10 @@ class OnlineLoader:
         self._dog: MemoryWatchdog | None = None
         self._pids: tuple[int, ...] = ()
         self._victims: list[tuple[int, ...]] = [()]
-        self._current: _Pool | None = None
-        self._draining: list[_Pool] = []
-        self._parked: _Pool | None = None
-        self._stream: _Stream | None = None
+        self._current: Pool | None = None
+        self._draining: list[Pool] = []
+        self._parked: Pool | None = None
+        self._stream: Stream | None = None
         self._switching: Setting | None = None  # switching from this setting
         self._serving: Setting | None = None
         self._epoch: object | None = None
@@ -392,7 +238,7 @@ class OnlineLoader:
             # Where torch's iterator draws its base seed: the generator's state stays torch's.
             self._seeded = int(torch.empty((), dtype=torch.int64).random_(
                 generator=self.generator).item())
-        self._stream = _Stream(iter(self._index_sampler()))
+        self._stream = Stream(iter(self._index_sampler()))
         target, current = tuner.target, self._current
         if current is None:
             self._start(target)
@@ -441,11 +287,11 @@ class OnlineLoader:
                     batch = pool.next(began=began, poll=self.options.poll_seconds,
                                       hang=self._hang(), cap=self._cap_crossed,
                                       user_timeout=self.user.timeout)
-                except _CapCrossed:
+                except CapCrossed:
                     self._on_cap()
                     continue
                 self._longest = max(self._longest, time.monotonic() - began)
-                if batch is _END:
+                if batch is END:
                     if pool is self._current:
                         raise StopIteration
                     self._park(self._draining.pop(0))
@@ -454,7 +300,7 @@ class OnlineLoader:
                     self._switching = None
                 self._serving = pool.setting
                 return batch
-        except _Fault as fault:
+        except PoolFault as fault:
             where = self._where()
             self._stop_all()
             raise WorkerError(
@@ -470,7 +316,7 @@ class OnlineLoader:
 
     # -- pools -------------------------------------------------------------------------------
 
-    def _park(self, pool: _Pool | None) -> None:
+    def _park(self, pool: Pool | None) -> None:
         """Keep a drained pool's workers, idle, while the tuning may come back to it (the walk
         usually settles on the setting before the last it measured): one pool at most, none
         once settled and none without workers (those start for free)."""
@@ -496,7 +342,7 @@ class OnlineLoader:
             self._watch_pids()
             self._show(setting)
             return
-        pool = _Pool(setting, self._stream)
+        pool = Pool(setting, self._stream)
         u = self.user
         kwargs: dict[str, Any] = {
             "num_workers": setting.num_workers, "collate_fn": self.collate_fn,
@@ -519,7 +365,7 @@ class OnlineLoader:
             warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead")
             pool.loader = self.make_loader(self.dataset, **kwargs)
             pool.iterator = iter(pool.loader)
-        _leave_to_us(pool.iterator)
+        leave_to_us(pool.iterator)
         self._current = pool
         self._watch_pids()
         self._show(setting)
@@ -533,7 +379,7 @@ class OnlineLoader:
         self._switching = old.setting
         self._start(target)
 
-    def _pools(self) -> list[_Pool]:
+    def _pools(self) -> list[Pool]:
         """Every pool with workers up: draining (oldest first), current, parked."""
         return [*self._draining, *(p for p in (self._current, self._parked) if p is not None)]
 
@@ -687,33 +533,3 @@ def _weakly(method: Callable[[Tuner], None]) -> Callable[[Tuner], None]:
             bound(tuner)
 
     return call
-
-
-# -- torch's private parts, in one place ------------------------------------------------------
-# The pools need four things torch's multiprocessing iterator does not offer publicly: its
-# worker processes, a timeout for one wait, leaving its workers out of the SIGCHLD handler (so a
-# death, or the watchdog's kill, is reported by next() and not raised in the middle of the
-# user's step), and shutting its workers down now rather than when it is collected.
-
-def _workers(it: Any) -> list[Any]:
-    return list(getattr(it, "_workers", None) or [])
-
-
-def _set_timeout(it: Any, seconds: float) -> None:
-    if hasattr(it, "_timeout"):
-        it._timeout = seconds
-
-
-def _leave_to_us(it: Any) -> None:
-    if getattr(it, "_worker_pids_set", False):
-        from torch.utils.data._utils import signal_handling
-
-        signal_handling._remove_worker_pids(id(it))  # type: ignore[attr-defined]
-        it._worker_pids_set = False
-
-
-def _shutdown(it: Any) -> None:
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-
