@@ -63,18 +63,16 @@ def _trained_net():
     return net, opt
 
 
-def test_model_and_optimizer_are_bit_identical_after_a_tune_whose_worker_trials_fail():
+def test_model_and_optimizer_are_bit_identical_after_tune():
     net, opt = _trained_net()
     before = _state(net, opt)
-    result = autoload.tune(DiesInWorker(96), model=net, loss_fn=nn.functional.cross_entropy,
-                           optimizer=opt, num_workers=[0, 1], **FAST)
-    _same(before, _state(net, opt))  # after trials that trained, and trials that failed
-    assert result.samples_per_second > 0 and result.config.num_workers == 0
-    assert any(t.state == "failed" and "worker" in (t.reason or "") for t in result.trials)
-    assert not worker_processes()
+    result = autoload.tune(Indexed(96), model=net, loss_fn=nn.functional.cross_entropy,
+                           optimizer=opt, **FAST)
+    _same(before, _state(net, opt))
+    assert result.samples_per_second > 0
     # bf16 autocast is searched where the CPU runs it natively (the space doubles), and left
     # out, and said, where it would be emulated.
-    space = dict(device_type="cpu", has_model=True, num_workers=[0, 1])
+    space = dict(device_type="cpu", has_model=True, max_workers=1)
     with_bf16 = autoload.build_space(96, **space, bf16_supported=True).size
     without = autoload.build_space(96, **space, amp="off").size
     left_out = any("bf16 autocast left out" in note for note in result.notes)
@@ -83,6 +81,20 @@ def test_model_and_optimizer_are_bit_identical_after_a_tune_whose_worker_trials_
     else:
         assert result.space_size == without and left_out and result.amp is None
         assert all(t.config.amp is None for t in result.trials)
+    assert not worker_processes()
+
+
+def test_model_is_restored_when_trials_fail():
+    # Only worker counts whose workers die: every trial fails, whatever the machine's speed
+    # lets the budget hold (a search that also had num_workers=0 reached a failing trial only
+    # when the budget left room for the recipe after the pilot).
+    net, opt = _trained_net()
+    before = _state(net, opt)
+    with pytest.raises(autoload.TuningFailedError, match="worker died: DataLoader worker"):
+        autoload.tune(DiesInWorker(96), model=net, loss_fn=nn.functional.cross_entropy,
+                      optimizer=opt, num_workers=1, **FAST)
+    _same(before, _state(net, opt))
+    assert not worker_processes()
 
 
 def test_workers_past_the_memory_cap_make_trials_infeasible_and_the_study_returns():
