@@ -6,12 +6,30 @@ from collections.abc import Mapping
 from dataclasses import KW_ONLY, asdict, dataclass
 from typing import Any, Literal
 
-__all__ = ["AmpDtype", "LoaderConfig", "batches_per_epoch"]
+__all__ = ["AmpDtype", "LoaderConfig", "batches_per_epoch", "check_workers"]
 
 # DataLoader arguments torch accepts only with worker processes.
 WORKER_ONLY = ("multiprocessing_context", "prefetch_factor", "persistent_workers", "timeout")
 
 AmpDtype = Literal["bfloat16", "float16"]
+
+
+def check_workers(num_workers: int, prefetch_factor: int | None) -> None:
+    """torch's rules for the two: no negative worker count, and a prefetch factor of at least
+    1 exactly when there are workers (torch rejects one without them).
+
+    Raises:
+        ValueError: A rule is broken; the message names it and the values.
+    """
+    if num_workers < 0:
+        raise ValueError(f"`num_workers >= 0` must hold, but got self.{num_workers=}.")
+    if (num_workers == 0) != (prefetch_factor is None):
+        raise ValueError(
+            "`prefetch_factor` must be set exactly when `num_workers > 0`, but got "
+            f"(self.{num_workers=}, self.{prefetch_factor=})."
+        )
+    if prefetch_factor is not None and prefetch_factor < 1:
+        raise ValueError(f"`prefetch_factor >= 1` must hold, but got self.{prefetch_factor=}.")
 
 
 def batches_per_epoch(samples: int, batch_size: int, drop_last: bool) -> int:
@@ -50,15 +68,7 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"`batch_size >= 1` must hold, but got {self.batch_size=}.")
-        if self.num_workers < 0:
-            raise ValueError(f"`num_workers >= 0` must hold, but got {self.num_workers=}.")
-        if (self.num_workers == 0) != (self.prefetch_factor is None):
-            raise ValueError(
-                "`prefetch_factor` must be set exactly when `num_workers > 0`, but got "
-                f"({self.num_workers=}, {self.prefetch_factor=})."
-            )
-        if self.prefetch_factor is not None and self.prefetch_factor < 1:
-            raise ValueError(f"`prefetch_factor >= 1` must hold, but got {self.prefetch_factor=}.")
+        check_workers(self.num_workers, self.prefetch_factor)
 
     def loader_kwargs(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The DataLoader keyword arguments, obeying torch's rules.

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from autoload.config import check_workers
 from autoload.errors import ConfigError
 
 __all__ = [
@@ -58,15 +59,7 @@ class Setting:
     pin_memory: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_workers < 0:
-            raise ValueError(f"`num_workers >= 0` must hold, but got {self.num_workers=}.")
-        if (self.num_workers == 0) != (self.prefetch_factor is None):
-            raise ValueError(
-                "`prefetch_factor` must be set exactly when `num_workers > 0`, but got "
-                f"({self.num_workers=}, {self.prefetch_factor=})."
-            )
-        if self.prefetch_factor is not None and self.prefetch_factor < 1:
-            raise ValueError(f"`prefetch_factor >= 1` must hold, but got {self.prefetch_factor=}.")
+        check_workers(self.num_workers, self.prefetch_factor)
 
     @property
     def in_flight(self) -> int:
